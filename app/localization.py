@@ -1,0 +1,82 @@
+"""Stage 1: where the organs are. The localization grid and the region of interest (ROI)."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from app import method
+from app.geometry import Grid, centred_grid, image_centre_axis_mm
+from app.preprocessing import smallest_valid_size
+
+
+@dataclass(frozen=True)
+class Roi:
+    """A box of image voxels: start index and size (x, y, z) in the (canonical) image."""
+
+    start: tuple
+    size: tuple
+
+    @property
+    def stop(self):
+        return tuple(a + n for a, n in zip(self.start, self.size))
+
+    def grid(self, image_grid):
+        """The sub-grid of the image that this box covers."""
+        first_voxel_mm = np.asarray(self.start) * np.asarray(image_grid.spacing_mm)
+        origin = image_grid.axis_mm_to_physical(first_voxel_mm)
+        return Grid(self.size, image_grid.spacing_mm, tuple(float(o) for o in origin),
+                    image_grid.direction)
+
+    def axis_mm(self, image_grid):
+        """(low, high) outer edges of the box in mm along the image axes from the image origin."""
+        spacing = np.asarray(image_grid.spacing_mm)
+        low = (np.asarray(self.start) - 0.5) * spacing
+        high = (np.asarray(self.stop) - 0.5) * spacing
+        return low, high
+
+    @classmethod
+    def whole(cls, image_grid):
+        return cls((0, 0, 0), tuple(image_grid.size))
+
+
+def localization_spacing_mm(image_grid):
+    """6 mm, or larger so that the whole image fits the largest valid input (METHOD.md)."""
+    spacing = method.LOCALIZATION_SPACING_MM
+    largest = (max(method.LOCALIZATION_VALID_SIZES_XY),) * 2 + (max(method.LOCALIZATION_VALID_SIZES_Z),)
+    ratio = max(math.ceil(extent / spacing) / limit
+                for extent, limit in zip(image_grid.extent_mm, largest)) + method.LOCALIZATION_FIT_SLACK
+    return spacing * ratio if ratio > 1 else spacing
+
+
+def localization_grid(image_grid):
+    """The network grid of stage 1: isotropic, centred on the image, of a valid size."""
+    spacing = localization_spacing_mm(image_grid)
+    voxels = [math.ceil(extent / spacing) for extent in image_grid.extent_mm]
+    size = (smallest_valid_size(voxels[0], method.LOCALIZATION_VALID_SIZES_XY),
+            smallest_valid_size(voxels[1], method.LOCALIZATION_VALID_SIZES_XY),
+            smallest_valid_size(voxels[2], method.LOCALIZATION_VALID_SIZES_Z))
+    return centred_grid(image_grid, image_centre_axis_mm(image_grid), size, spacing)
+
+
+def roi_from_foreground(foreground, network_grid, image_grid, margin_mm=method.ROI_MARGIN_MM):
+    """Bounding box of all foreground voxels, enlarged by ``margin_mm`` and clipped to the image.
+
+    ``foreground`` is a boolean array (z, y, x) on ``network_grid``, which must share the image's
+    direction. No foreground: the whole image.
+    """
+    if not foreground.any():
+        return Roi.whole(image_grid)
+    indices_zyx = np.nonzero(foreground)
+    low_index = np.array([indices_zyx[axis].min() for axis in (2, 1, 0)])
+    high_index = np.array([indices_zyx[axis].max() for axis in (2, 1, 0)])
+    spacing = np.asarray(network_grid.spacing_mm)
+    first_voxel = image_grid.physical_to_axis_mm(network_grid.origin_mm)
+    low_mm = first_voxel + (low_index - 0.5) * spacing - margin_mm
+    high_mm = first_voxel + (high_index + 0.5) * spacing + margin_mm
+    image_spacing = np.asarray(image_grid.spacing_mm)
+    start = np.clip(np.ceil(low_mm / image_spacing), 0, None).astype(int)
+    stop = np.minimum(np.floor(high_mm / image_spacing).astype(int) + 1, image_grid.size)
+    if np.any(stop <= start):
+        return Roi.whole(image_grid)
+    return Roi(tuple(int(a) for a in start), tuple(int(n) for n in stop - start))

@@ -1,0 +1,34 @@
+"""Network inputs: anti-aliased resampling onto a network grid and intensity scaling."""
+
+import numpy as np
+import SimpleITK as sitk
+
+from app import method
+from app.geometry import Grid, crop_with_margin, image_centre_axis_mm, resample, smooth
+
+
+def scale_intensity(hu):
+    """HU -> network units: divide by 2048 and clip to [-1, 1] (METHOD.md, "Intensity")."""
+    return np.clip(np.asarray(hu, dtype=np.float32) / method.INTENSITY_DIVISOR_HU, -1.0, 1.0)
+
+
+def smallest_valid_size(voxels, valid_sizes):
+    """The smallest valid size strictly larger than ``voxels``, or the largest valid size."""
+    larger = [size for size in valid_sizes if size > voxels]
+    return min(larger) if larger else max(valid_sizes)
+
+
+def network_input(image, grid, sigma_mm, padding_hu):
+    """Resample a CT onto a network grid and scale it: float32 array (z, y, x).
+
+    Gaussian smoothing (``sigma_mm``, physical) is applied to the part of the image the grid
+    covers, then linear interpolation; voxels outside the image get ``padding_hu``.
+    """
+    image_grid = Grid.of(image)
+    centre_in_image = image_grid.physical_to_axis_mm(
+        grid.axis_mm_to_physical(image_centre_axis_mm(grid)))
+    parent_spacing = np.asarray(image_grid.spacing_mm)
+    region = crop_with_margin(image, centre_in_image, grid.extent_mm,
+                              3 * sigma_mm + 2 * float(parent_spacing.max()))
+    resampled = resample(smooth(region, sigma_mm), grid, sitk.sitkLinear, padding_hu)
+    return scale_intensity(sitk.GetArrayViewFromImage(resampled))

@@ -1,0 +1,1 @@
+"""Scoring of segmentations against reference labels (imports from app/, never the reverse)."""

@@ -1,0 +1,1 @@
+"""Training of both networks (imports from app/, never the other way round)."""

@@ -1,0 +1,112 @@
+"""Random spatial and intensity augmentation (METHOD.md, "Training"), and training samples.
+
+Each sample is resampled once, from a prepared case (training/cases.py), through one random
+transform: affine (translation, rotation, scaling) after an elastic B-spline deformation. The image
+is interpolated linearly, the labels by nearest neighbour, so they stay aligned.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from app import method
+from app.geometry import Grid, centred_grid, image_centre_axis_mm
+from app.localization import localization_grid
+from app.preprocessing import scale_intensity
+
+
+@dataclass(frozen=True)
+class AugmentationRanges:
+    """Ranges of the random augmentation; ``none()`` gives the identity."""
+
+    translation_mm: float = 20.0
+    rotation_rad: float = 0.35
+    scale: float = 0.2
+    axis_scale: float = 0.1
+    elastic_mm: float = 15.0
+    elastic_control_points: int = 8
+    intensity_shift: float = 0.2
+    intensity_scale: float = 0.2
+
+    @classmethod
+    def none(cls):
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 8, 0.0, 0.0)
+
+
+def rotation_matrix(angles_rad):
+    """Rotation about x, then y, then z (physical axes)."""
+    cx, cy, cz = np.cos(angles_rad)
+    sx, sy, sz = np.sin(angles_rad)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def random_transform(rng, output_grid, centre_physical, ranges):
+    """A transform from output-grid points to input points: B-spline first, then affine."""
+    scale = (1 + rng.uniform(-ranges.scale, ranges.scale)) * (
+        1 + rng.uniform(-ranges.axis_scale, ranges.axis_scale, 3))
+    matrix = rotation_matrix(rng.uniform(-ranges.rotation_rad, ranges.rotation_rad, 3))
+    # input = R S^-1 (output - centre) + centre + t: scale > 1 shows the anatomy larger
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(tuple(float(c) for c in centre_physical))
+    affine.SetMatrix(tuple((matrix @ np.diag(1.0 / scale)).ravel()))
+    affine.SetTranslation(tuple(rng.uniform(-ranges.translation_mm, ranges.translation_mm, 3)))
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(affine)
+    if ranges.elastic_mm > 0:
+        mesh = ranges.elastic_control_points - 3  # cubic B-spline: control points = mesh + 3
+        bspline = sitk.BSplineTransformInitializer(output_grid.reference(), [mesh] * 3, 3)
+        parameters = rng.uniform(-ranges.elastic_mm, ranges.elastic_mm,
+                                 len(bspline.GetParameters()))
+        bspline.SetParameters(tuple(parameters))
+        composite.AddTransform(bspline)  # added last = applied first
+    return composite
+
+
+def _sample(image, labels, grid, transform, rng, ranges):
+    image = sitk.Resample(image, grid.reference(), transform, sitk.sitkLinear,
+                          method.PADDING_HU, sitk.sitkFloat32)
+    labels = sitk.Resample(labels, grid.reference(), transform, sitk.sitkNearestNeighbor, 0,
+                           sitk.sitkUInt8)
+    scaled = scale_intensity(sitk.GetArrayViewFromImage(image))
+    shift = rng.uniform(-ranges.intensity_shift, ranges.intensity_shift)
+    factor = 1 + rng.uniform(-ranges.intensity_scale, ranges.intensity_scale)
+    scaled = np.clip((scaled + shift) * factor, -1.0, 1.0).astype(np.float32)
+    return scaled, sitk.GetArrayFromImage(labels)
+
+
+def localization_sample(case, rng, ranges=AugmentationRanges()):
+    """(image (z, y, x) float32 scaled, foreground (z, y, x) uint8) on the localization grid."""
+    grid = localization_grid(case.image_grid)
+    centre = grid.axis_mm_to_physical(image_centre_axis_mm(grid))
+    transform = random_transform(rng, grid, centre, ranges)
+    image, labels = _sample(case.localization_image, case.localization_labels, grid, transform,
+                            rng, ranges)
+    return image, (labels > 0).astype(np.uint8)
+
+
+def segmentation_sample(case, rng, crop_size_zyx, ranges=AugmentationRanges(),
+                        organ_centred=0.5):
+    """(image (z, y, x) float32 scaled, labels (z, y, x) uint8) on a 2 mm crop.
+
+    The crop centre lies in the training ROI (ground-truth box + 32 mm); with probability
+    ``organ_centred`` it is a voxel of a randomly chosen organ instead, so small organs are seen
+    often.
+    """
+    parent = Grid.of(case.segmentation_image)
+    low, high = case.roi_low_mm, case.roi_high_mm
+    centre = rng.uniform(low, high)
+    if rng.uniform() < organ_centred:
+        labels = sitk.GetArrayViewFromImage(case.segmentation_labels)
+        organ = rng.choice(np.unique(labels[labels > 0]))
+        voxels = np.argwhere(labels == organ)
+        z, y, x = voxels[rng.integers(len(voxels))]
+        centre = np.array([x, y, z]) * np.asarray(parent.spacing_mm)
+    size_xyz = tuple(reversed(crop_size_zyx))
+    grid = centred_grid(parent, centre, size_xyz, method.SEGMENTATION_SPACING_MM)
+    transform = random_transform(rng, grid, grid.axis_mm_to_physical(image_centre_axis_mm(grid)),
+                                 ranges)
+    return _sample(case.segmentation_image, case.segmentation_labels, grid, transform, rng, ranges)

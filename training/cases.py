@@ -1,0 +1,105 @@
+"""Training cases: finding them on disk, and preparing each once for fast augmentation.
+
+A prepared case keeps, in the canonical (LPS-closest) orientation, two low-resolution copies of
+the CT that already carry the method's anti-aliasing: one over the whole image for the
+localization net, one around the organs for the SCN. Augmented samples are then resampled from
+these small images instead of the full-resolution CT.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from app import method
+from app.geometry import Grid, centred_grid, image_centre_axis_mm, resample, to_canonical
+from app.preprocessing import network_input
+
+LOCALIZATION_CACHE_SPACING_MM = 4.0
+SEGMENTATION_CACHE_SPACING_MM = 1.5
+# room around the training ROI for translation, rotation and scaling augmentation
+AUGMENTATION_ROOM_MM = 48.0
+
+
+@dataclass
+class PreparedCase:
+    """One case ready for augmentation. Images in HU (float32), labels uint8, canonical frame."""
+
+    name: str
+    image_grid: Grid  # the canonical full-resolution image's grid
+    localization_image: sitk.Image
+    localization_labels: sitk.Image
+    segmentation_image: sitk.Image
+    segmentation_labels: sitk.Image
+    roi_low_mm: np.ndarray  # training ROI (ground-truth box + 32 mm), physical axis mm of
+    roi_high_mm: np.ndarray  # segmentation_image's frame, from its origin
+
+
+def find_cases(folder):
+    """(name, image path, label path) for FLARE naming or an nnU-Net imagesTr/labelsTr folder."""
+    folder = Path(folder)
+    if (folder / "imagesTr").is_dir():
+        images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
+    elif (folder / "images").is_dir() and (folder / "labels").is_dir():
+        images_dir, labels_dir = folder / "images", folder / "labels"
+    else:
+        images_dir = labels_dir = folder
+    cases = []
+    for image_path in sorted(images_dir.glob("*_0000.nii.gz")):
+        name = image_path.name[: -len("_0000.nii.gz")]
+        label_path = labels_dir / f"{name}.nii.gz"
+        if label_path.is_file():
+            cases.append((name, image_path, label_path))
+    return cases
+
+
+def _labels_on(labels, grid):
+    return resample(labels, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
+def prepare_case(name, image, labels):
+    """Prepare a (CT image in HU, labels) pair on the same grid for training."""
+    image, _ = to_canonical(image)
+    labels, _ = to_canonical(labels)
+    labels.CopyInformation(image)
+    grid = Grid.of(image)
+
+    spacing = LOCALIZATION_CACHE_SPACING_MM
+    size = np.ceil(np.asarray(grid.extent_mm) / spacing).astype(int) + 2
+    coarse = centred_grid(grid, image_centre_axis_mm(grid), size, spacing)
+    localization_image = _hu_image(image, coarse, method.LOCALIZATION_TRAINING_SIGMA_MM)
+    localization_labels = _labels_on(labels, coarse)
+
+    array = sitk.GetArrayViewFromImage(labels)
+    present = np.nonzero(array)
+    if len(present[0]) == 0:
+        raise ValueError(f"{name}: label image has no organ voxels")
+    spacing_xyz = np.asarray(grid.spacing_mm)
+    low = np.array([present[a].min() for a in (2, 1, 0)]) * spacing_xyz - spacing_xyz / 2
+    high = np.array([present[a].max() for a in (2, 1, 0)]) * spacing_xyz + spacing_xyz / 2
+    roi_low = low - method.TRAINING_ROI_MARGIN_MM
+    roi_high = high + method.TRAINING_ROI_MARGIN_MM
+    spacing = SEGMENTATION_CACHE_SPACING_MM
+    extent = roi_high - roi_low + 2 * AUGMENTATION_ROOM_MM
+    fine = centred_grid(grid, (roi_low + roi_high) / 2, np.ceil(extent / spacing).astype(int),
+                        spacing)
+    segmentation_image = _hu_image(image, fine, method.SEGMENTATION_SMOOTHING_SIGMA_MM)
+    segmentation_labels = _labels_on(labels, fine)
+    offset = Grid.of(image).physical_to_axis_mm(fine.origin_mm)
+    return PreparedCase(name, grid, localization_image, localization_labels, segmentation_image,
+                        segmentation_labels, roi_low - offset, roi_high - offset)
+
+
+def _hu_image(image, grid, sigma_mm):
+    """Anti-aliased HU image on ``grid`` (the same smoothing as inference), padded -1024 HU."""
+    scaled = network_input(image, grid, sigma_mm, method.PADDING_HU)
+    hu = sitk.GetImageFromArray(scaled * np.float32(method.INTENSITY_DIVISOR_HU))
+    hu.SetSpacing(grid.spacing_mm)
+    hu.SetOrigin(grid.origin_mm)
+    hu.SetDirection(grid.direction)
+    return hu
+
+
+def load_case(name, image_path, label_path):
+    return prepare_case(name, sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)))

@@ -1,0 +1,234 @@
+"""Train the localization net or the SCN; resumable; exports EMA weights for app/.
+
+    python -m training.train --stage segmentation --run runs/scn --generated 60 \
+        --data ../shared/data --iterations 3000 --export weights
+
+Samples are prepared and augmented in background threads (SimpleITK releases the GIL) while the
+network trains. Each run folder holds a checkpoint (weights, optimizer, EMA, iteration, random
+state), a CSV log and the cache of prepared cases.
+"""
+
+import argparse
+import csv
+import json
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("localization", "segmentation")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", choices=STAGES, required=True)
+    parser.add_argument("--run", type=Path, required=True, help="run folder (checkpoint, log)")
+    parser.add_argument("--data", type=Path, action="append", default=[],
+                        help="folder of labelled CT (FLARE naming or imagesTr/labelsTr); repeatable")
+    parser.add_argument("--data-weight", type=float, default=0.2,
+                        help="share of samples drawn from --data cases (rest: generated)")
+    parser.add_argument("--generated", type=int, default=40, help="generated training cases")
+    parser.add_argument("--generated-size", type=int, default=256,
+                        help="in-plane voxels of generated training cases")
+    parser.add_argument("--validation", type=int, default=3, help="generated validation cases")
+    parser.add_argument("--iterations", type=int, default=1000, help="total iterations")
+    parser.add_argument("--crop-size", type=int, nargs=3, default=(64, 64, 64),
+                        metavar=("Z", "Y", "X"), help="SCN training crop (multiples of 32)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="Adam learning rate (default: 1e-4 SCN, 1e-5 localization)")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--validate-every", type=int, default=250)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export", type=Path, default=None,
+                        help="write the EMA weights into this weights folder at the end")
+    parser.add_argument("--workers", type=int, default=2, help="sampling threads")
+    return parser.parse_args(argv)
+
+
+GENERATED_SEED_OFFSET = {"train": 1_000_000, "validation": 2_000_000}
+
+
+def prepare_cases(args):
+    """(training cases from --data, generated training cases, validation cases)."""
+    from synthetic import generate_case
+    from training.cases import find_cases, load_case, prepare_case
+    from training.store import cached
+
+    cache = args.run / "cache"
+
+    def generated(split, index):
+        seed = GENERATED_SEED_OFFSET[split] + index
+        name = f"generated_{split}_{index:04d}"
+        return cached(cache, name, lambda: prepare_case(
+            name, *generate_case(seed, in_plane_size=args.generated_size)))
+
+    real = [cached(cache, name, lambda n=name, i=i, l=l: load_case(n, i, l))
+            for folder in args.data for name, i, l in find_cases(folder)]
+    with ThreadPoolExecutor(args.workers) as pool:
+        train = list(pool.map(lambda i: generated("train", i), range(args.generated)))
+        validation = list(pool.map(lambda i: generated("validation", i), range(args.validation)))
+    return real, train, validation
+
+
+class SampleStream:
+    """Augmented samples produced by background threads into a bounded queue."""
+
+    def __init__(self, make_sample, seed, workers, depth=6):
+        self._queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        seeds = np.random.SeedSequence(seed).spawn(workers)
+        self._threads = [threading.Thread(target=self._run, args=(make_sample, s), daemon=True)
+                         for s in seeds]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, make_sample, seed):
+        rng = np.random.default_rng(seed)
+        while not self._stop.is_set():
+            sample = make_sample(rng)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(sample, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    def next(self):
+        return self._queue.get()
+
+    def close(self):
+        self._stop.set()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import keras
+    import tensorflow as tf
+
+    from app import method
+    from app.networks import build_localization_net, build_scn
+    from training import augment, losses
+    from training.validation import validate
+
+    args.run.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(args.seed)
+    if args.precision == "bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    segmentation = args.stage == "segmentation"
+    model = build_scn() if segmentation else build_localization_net()
+    learning_rate = args.learning_rate or (1e-4 if segmentation else 1e-5)
+    optimizer = keras.optimizers.Adam(learning_rate)
+    optimizer.build(model.trainable_variables)
+    ema = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
+    iteration = tf.Variable(0, dtype=tf.int64)
+    mean_gradient_norm = tf.Variable(0.0)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, ema=ema,
+                                     iteration=iteration, mean_gradient_norm=mean_gradient_norm)
+    manager = tf.train.CheckpointManager(checkpoint, args.run / "checkpoints", max_to_keep=2)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        print(f"resumed from {manager.latest_checkpoint} at iteration {int(iteration)}")
+
+    start_time = time.time()
+    real, generated, validation = prepare_cases(args)
+    print(f"{len(real)} real + {len(generated)} generated training cases, "
+          f"{len(validation)} validation cases ({time.time() - start_time:.0f} s)", flush=True)
+
+    classes = method.NUM_CLASSES if segmentation else 2
+
+    def make_sample(rng):
+        pool = real if real and rng.uniform() < args.data_weight else generated
+        case = pool[rng.integers(len(pool))]
+        if segmentation:
+            return augment.segmentation_sample(case, rng, args.crop_size)
+        return augment.localization_sample(case, rng)
+
+    @tf.function(reduce_retracing=True)
+    def train_step(image, labels):
+        one_hot = tf.one_hot(tf.cast(labels, tf.int32), classes)
+        with tf.GradientTape() as tape:
+            outputs = model(image, training=True)
+            loss = (losses.scn_loss(outputs, one_hot) if segmentation
+                    else losses.localization_loss(outputs, one_hot))
+            total = loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses])
+        gradients = tape.gradient(total, model.trainable_variables)
+        norm = tf.linalg.global_norm(gradients)
+        # clip to 5x the running mean of the gradient norm (none before the mean exists)
+        limit = tf.where(mean_gradient_norm > 0, 5.0 * mean_gradient_norm, norm + 1.0)
+        gradients, _ = tf.clip_by_global_norm(gradients, limit, use_norm=norm)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        mean_gradient_norm.assign(tf.where(mean_gradient_norm > 0,
+                                           0.99 * mean_gradient_norm + 0.01 * tf.minimum(norm, limit),
+                                           norm))
+        decay = tf.minimum(args.ema_decay,
+                           (1.0 + tf.cast(iteration, tf.float32)) / (10.0 + tf.cast(iteration, tf.float32)))
+        for average, variable in zip(ema, model.trainable_variables):
+            average.assign(decay * average + (1.0 - decay) * variable)
+        iteration.assign_add(1)
+        return loss
+
+    log_path = args.run / "log.csv"
+    new_log = not log_path.exists()
+    log = open(log_path, "a", newline="")
+    writer = csv.writer(log)
+    if new_log:
+        writer.writerow(["iteration", "loss", "seconds", "validation"])
+    stream = SampleStream(make_sample, args.seed * 7919 + int(iteration), args.workers)
+    losses_window = []
+    tick = time.time()
+    try:
+        from tqdm import tqdm
+        progress = tqdm(total=args.iterations, initial=int(iteration), unit="it", mininterval=5)
+        while int(iteration) < args.iterations:
+            image, labels = stream.next()
+            loss = float(train_step(image[None, ..., None], labels[None]))
+            losses_window.append(loss)
+            progress.update(1)
+            step = int(iteration)
+            validation_scores = ""
+            if step % args.validate_every == 0 or step == args.iterations:
+                scores = validate(model, ema, validation, args.stage)
+                validation_scores = json.dumps(scores)
+                progress.write(f"iteration {step}: validation {validation_scores}")
+            if step % 20 == 0 or validation_scores:
+                writer.writerow([step, round(float(np.mean(losses_window)), 5),
+                                 round(time.time() - tick, 1), validation_scores])
+                log.flush()
+                progress.set_postfix(loss=f"{np.mean(losses_window):.4f}")
+                losses_window = []
+            if step % args.checkpoint_every == 0 or step == args.iterations:
+                manager.save()
+        progress.close()
+    finally:
+        stream.close()
+        log.close()
+    if args.export:
+        export_weights(model, ema, args.stage, args.export)
+
+
+def export_weights(model, ema, stage, weights_dir):
+    """Write the EMA values into ``weights_dir`` as the weights file app/ loads (atomically)."""
+    import keras
+
+    from app.networks import build_localization_net, build_scn
+    from app.predictor import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
+
+    keras.mixed_precision.set_global_policy("float32")
+    fresh = build_scn() if stage == "segmentation" else build_localization_net()
+    for target, average in zip(fresh.trainable_variables, ema):
+        target.assign(average)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    name = SEGMENTATION_WEIGHTS if stage == "segmentation" else LOCALIZATION_WEIGHTS
+    temporary = weights_dir / f"partial_{name}"
+    fresh.save_weights(temporary)
+    temporary.replace(weights_dir / name)
+    print(f"exported EMA weights to {weights_dir / name}")
+
+
+if __name__ == "__main__":
+    main()
