@@ -55,13 +55,14 @@ GENERATED_SEED_OFFSET = {"train": 1_000_000, "validation": 2_000_000}
 
 def prepare_cases(args):
     """(training cases from --data, generated training cases, validation cases)."""
-    from synthetic import generate_case
     from training.cases import find_cases, load_case, prepare_case
     from training.store import cached
 
     cache = args.run / "cache"
 
     def generated(split, index):
+        from synthetic import generate_case
+
         seed = GENERATED_SEED_OFFSET[split] + index
         name = f"generated_{split}_{index:04d}"
         return cached(cache, name, lambda: prepare_case(
@@ -142,7 +143,8 @@ def main(argv=None):
     classes = method.NUM_CLASSES if segmentation else 2
 
     def make_sample(rng):
-        pool = real if real and rng.uniform() < args.data_weight else generated
+        use_real = real and (not generated or rng.uniform() < args.data_weight)
+        pool = real if use_real else generated
         case = pool[rng.integers(len(pool))]
         if segmentation:
             return augment.segmentation_sample(case, rng, args.crop_size)
@@ -191,7 +193,7 @@ def main(argv=None):
             progress.update(1)
             step = int(iteration)
             validation_scores = ""
-            if step % args.validate_every == 0 or step == args.iterations:
+            if validation and (step % args.validate_every == 0 or step == args.iterations):
                 scores = validate(model, ema, validation, args.stage)
                 validation_scores = json.dumps(scores)
                 progress.write(f"iteration {step}: validation {validation_scores}")
