@@ -78,9 +78,19 @@ def _sample(image, labels, grid, transform, rng, ranges):
     return scaled, sitk.GetArrayFromImage(labels)
 
 
-def localization_sample(case, rng, ranges=AugmentationRanges()):
-    """(image (z, y, x) float32 scaled, foreground (z, y, x) uint8) on the localization grid."""
+def localization_sample(case, rng, ranges=AugmentationRanges(), max_size_zyx=None):
+    """(image (z, y, x) float32 scaled, foreground (z, y, x) uint8) on the localization grid.
+
+    With ``max_size_zyx`` a random part of the grid no larger than that is returned (cheaper
+    training steps; the network is fully convolutional).
+    """
     grid = localization_grid(case.image_grid)
+    centre_axis_mm = image_centre_axis_mm(grid)
+    if max_size_zyx is not None:
+        size = np.minimum(grid.size, tuple(reversed(max_size_zyx)))
+        room = (np.asarray(grid.size) - size) / 2 * np.asarray(grid.spacing_mm)
+        grid = centred_grid(grid, centre_axis_mm + rng.uniform(-room, room), size,
+                            grid.spacing_mm)
     centre = grid.axis_mm_to_physical(image_centre_axis_mm(grid))
     transform = random_transform(rng, grid, centre, ranges)
     image, labels = _sample(case.localization_image, case.localization_labels, grid, transform,

@@ -28,6 +28,8 @@ def parse_args(argv=None):
     parser.add_argument("--run", type=Path, required=True, help="run folder (checkpoint, log)")
     parser.add_argument("--data", type=Path, action="append", default=[],
                         help="folder of labelled CT (FLARE naming or imagesTr/labelsTr); repeatable")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="folder of prepared cases, shareable between runs (default: RUN/cache)")
     parser.add_argument("--data-weight", type=float, default=0.2,
                         help="share of samples drawn from --data cases (rest: generated)")
     parser.add_argument("--generated", type=int, default=40, help="generated training cases")
@@ -36,11 +38,13 @@ def parse_args(argv=None):
     parser.add_argument("--validation", type=int, default=3, help="generated validation cases")
     parser.add_argument("--iterations", type=int, default=1000, help="total iterations")
     parser.add_argument("--crop-size", type=int, nargs=3, default=(64, 64, 64),
-                        metavar=("Z", "Y", "X"), help="SCN training crop (multiples of 32)")
+                        metavar=("Z", "Y", "X"), help="training crop: SCN crop size (multiples of 32); largest localization crop")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="Adam learning rate (default: 1e-4 SCN, 1e-5 localization)")
     parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16 is faster on CPUs with AVX512-BF16 but gave NaN "
+                             "gradients in the localization net here")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -58,7 +62,7 @@ def prepare_cases(args):
     from training.cases import find_cases, load_case, prepare_case
     from training.store import cached
 
-    cache = args.run / "cache"
+    cache = args.cache or args.run / "cache"
 
     def generated(split, index):
         from synthetic import generate_case
@@ -148,7 +152,7 @@ def main(argv=None):
         case = pool[rng.integers(len(pool))]
         if segmentation:
             return augment.segmentation_sample(case, rng, args.crop_size)
-        return augment.localization_sample(case, rng)
+        return augment.localization_sample(case, rng, max_size_zyx=args.crop_size)
 
     @tf.function(reduce_retracing=True)
     def train_step(image, labels):
@@ -172,7 +176,7 @@ def main(argv=None):
         for average, variable in zip(ema, model.trainable_variables):
             average.assign(decay * average + (1.0 - decay) * variable)
         iteration.assign_add(1)
-        return loss
+        return loss, norm
 
     log_path = args.run / "log.csv"
     new_log = not log_path.exists()
@@ -188,7 +192,11 @@ def main(argv=None):
         progress = tqdm(total=args.iterations, initial=int(iteration), unit="it", mininterval=5)
         while int(iteration) < args.iterations:
             image, labels = stream.next()
-            loss = float(train_step(image[None, ..., None], labels[None]))
+            loss, norm = train_step(image[None, ..., None], labels[None])
+            loss = float(loss)
+            if not np.isfinite(loss) or not np.isfinite(float(norm)):
+                raise FloatingPointError(f"iteration {int(iteration)}: loss {loss}, "
+                                         f"gradient norm {float(norm)}")
             losses_window.append(loss)
             progress.update(1)
             step = int(iteration)

@@ -1,0 +1,104 @@
+"""Training pieces: augmentation keeps image and labels aligned; a tiny run trains and exports."""
+
+from dataclasses import replace
+
+import h5py
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from app import method
+from training import augment
+from training.cases import prepare_case
+
+
+def labelled_phantom():
+    """An image whose HU encode its labels: HU = 100 * label - 500, on an oblique-free grid."""
+    labels = np.zeros((60, 70, 80), np.uint8)
+    labels[15:45, 20:40, 10:35] = 1
+    labels[20:40, 30:55, 45:70] = 3
+    labels[25:35, 45:60, 30:50] = 4
+    image = sitk.GetImageFromArray((100 * labels.astype(np.int16) - 500))
+    image.SetSpacing((3.0, 3.0, 3.0))
+    image.SetOrigin((-100.0, 50.0, 20.0))
+    label_image = sitk.GetImageFromArray(labels)
+    label_image.CopyInformation(image)
+    return prepare_case("phantom", image, label_image)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return labelled_phantom()
+
+
+def test_every_augmentation_keeps_labels_on_their_structures(phantom):
+    rng = np.random.default_rng(3)
+    none = augment.AugmentationRanges.none()
+    single = {
+        "translation": replace(none, translation_mm=20.0),
+        "rotation": replace(none, rotation_rad=0.35),
+        "scale": replace(none, scale=0.2, axis_scale=0.1),
+        "elastic": replace(none, elastic_mm=15.0),
+        "all spatial": augment.AugmentationRanges(intensity_shift=0.0, intensity_scale=0.0),
+    }
+    for name, ranges in single.items():
+        for _ in range(3):
+            image, labels = augment.segmentation_sample(phantom, rng, (32, 64, 64), ranges)
+            hu = image * method.INTENSITY_DIVISOR_HU
+            for label in np.unique(labels[labels > 0]):  # background includes padding
+                inside = ndimage.binary_erosion(labels == label, iterations=2)
+                if inside.sum() < 20:
+                    continue
+                # away from borders the image still shows this label's own intensity
+                assert np.median(hu[inside]) == pytest.approx(100 * int(label) - 500, abs=30), name
+    image, labels = augment.segmentation_sample(phantom, rng, (32, 32, 32))
+    assert image.shape == labels.shape == (32, 32, 32) and image.dtype == np.float32
+    assert image.min() >= -1 and image.max() <= 1
+
+
+def test_localization_sample_marks_organs_as_foreground(phantom):
+    rng = np.random.default_rng(4)
+    ranges = augment.AugmentationRanges(intensity_shift=0.0, intensity_scale=0.0)
+    image, foreground = augment.localization_sample(phantom, rng, ranges)
+    hu = image * method.INTENSITY_DIVISOR_HU
+    inside = ndimage.binary_erosion(foreground > 0, iterations=1)
+    assert inside.any() and np.all(hu[inside] > -450)
+
+
+def test_samples_are_deterministic_for_a_seed(phantom):
+    ranges = augment.AugmentationRanges()
+    a, la = augment.segmentation_sample(phantom, np.random.default_rng(5), (32, 32, 32), ranges)
+    b, lb = augment.segmentation_sample(phantom, np.random.default_rng(5), (32, 32, 32), ranges)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+
+
+def count_h5_values(path):
+    total = 0
+
+    def visit(_, item):
+        nonlocal total
+        if isinstance(item, h5py.Dataset):
+            total += int(np.prod(item.shape))
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return total
+
+
+def test_tiny_training_run_resumes_and_exports_exactly_the_model_variables(tmp_path):
+    from training.train import main
+
+    run = tmp_path / "run"
+    common = ["--stage", "segmentation", "--run", str(run), "--generated", "2",
+              "--generated-size", "64", "--validation", "1", "--crop-size", "32", "32", "32",
+              "--checkpoint-every", "2", "--validate-every", "2", "--precision", "float32",
+              "--workers", "1"]
+    main(common + ["--iterations", "2"])
+    main(common + ["--iterations", "4", "--export", str(tmp_path / "weights")])
+    log = (run / "log.csv").read_text().splitlines()
+    assert log[0].startswith("iteration") and "liver" in log[-1]
+    assert any(line.startswith("4,") for line in log)
+    exported = tmp_path / "weights" / "segmentation.weights.h5"
+    assert count_h5_values(exported) == method.SCN_PARAMETERS
