@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test clean-venv
 
-$(VENV)/installed: requirements.txt
+$(VENV)/installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --requirement requirements.txt
 	touch $@

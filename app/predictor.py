@@ -5,7 +5,7 @@ then segments any number of images.
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,9 @@ class Predictor:
 
     def __init__(self, weights_dir=DEFAULT_WEIGHTS_DIR):
         weights_dir = Path(weights_dir)
+        for gpu in tf.config.list_physical_devices("GPU"):
+            # allocate GPU memory as needed, not all of it up front (organisers sample it)
+            tf.config.experimental.set_memory_growth(gpu, True)
         for name in (LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS):
             if not (weights_dir / name).is_file():
                 raise FileNotFoundError(f"{weights_dir / name}: weights file missing")

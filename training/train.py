@@ -121,6 +121,9 @@ def main(argv=None):
     from training.validation import validate
 
     args.run.mkdir(parents=True, exist_ok=True)
+    (args.run / "args.json").write_text(json.dumps(
+        {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "data" else v)
+         for k, v in vars(args).items()}, indent=1))
     keras.utils.set_random_seed(args.seed)
     if args.precision == "bfloat16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")

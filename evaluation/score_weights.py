@@ -1,0 +1,119 @@
+"""Score a weights folder on unseen generated cases and on the real CT of ../shared/data.
+
+    python -m evaluation.score_weights [--weights weights] [--cases 10] [--update]
+
+Generated test cases use seeds that training never uses (training/train.py draws its cases from
+seeds 1,000,000+ and 2,000,000+). With ``--update`` the scores are written into the folder's
+weights.json.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from app import method
+from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE, Predictor
+from evaluation.metrics import organ_dice
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+TEST_SEED_OFFSET = 3_000_000
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR)
+    parser.add_argument("--cases", type=int, default=10, help="unseen generated cases")
+    parser.add_argument("--in-plane-size", type=int, default=512)
+    parser.add_argument("--update", action="store_true", help="write scores into weights.json")
+    return parser.parse_args(argv)
+
+
+def summarise(per_case):
+    """Mean, std and count per organ over cases that contain the organ."""
+    summary = {}
+    for name in method.LABELS.values():
+        values = [scores[name] for scores in per_case if name in scores]
+        if values:
+            summary[name] = {"mean": round(float(np.mean(values)), 4),
+                             "std": round(float(np.std(values)), 4), "cases": len(values)}
+    return summary
+
+
+def present_organs(labels):
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=method.NUM_CLASSES)
+    return {name for label, name in method.LABELS.items() if counts[label] > 0}
+
+
+def score_generated(predictor, cases, in_plane_size):
+    from synthetic import generate_case
+
+    per_case, seconds = [], []
+    for index in range(cases):
+        image, labels = generate_case(TEST_SEED_OFFSET + index, in_plane_size=in_plane_size)
+        start = time.perf_counter()
+        output = predictor.predict(image).labels
+        seconds.append(time.perf_counter() - start)
+        scores = organ_dice(output, labels)
+        present = present_organs(labels)
+        per_case.append({k: v for k, v in scores.items() if k in present})
+        print(f"generated {index}: size {image.GetSize()}, "
+              + ", ".join(f"{k} {v:.3f}" for k, v in per_case[-1].items()), flush=True)
+    return {"cases": cases, "seeds": f"{TEST_SEED_OFFSET}..{TEST_SEED_OFFSET + cases - 1}",
+            "in_plane_size": in_plane_size, "dsc": summarise(per_case),
+            "mean_predict_seconds": round(float(np.mean(seconds)), 2)}
+
+
+def read_dicom_series(folder):
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def score_real(predictor):
+    """DSC on the real CT of ../shared/data (labels compared in physical space)."""
+    results = {}
+    example = SHARED_DATA / "images" / "ts_example_0000.nii.gz"
+    if example.is_file():
+        output = predictor.predict(sitk.ReadImage(str(example))).labels
+        reference = sitk.ReadImage(str(SHARED_DATA / "labels" / "ts_example.nii.gz"))
+        present = present_organs(reference)
+        results["ts_example"] = {k: round(v, 4) for k, v in organ_dice(output, reference).items()
+                                 if k in present}
+    dicom = SHARED_DATA / "dicom" / "ts_dicom_slices"
+    if dicom.is_dir():
+        output = predictor.predict(read_dicom_series(dicom)).labels
+        reference = sitk.ReadImage(str(SHARED_DATA / "dicom" / "ts_dicom.nii.gz"))
+        # the reference is stored with a flipped axis: bring it onto the prediction's grid
+        reference = sitk.Resample(reference, output, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                  sitk.sitkUInt8)
+        present = present_organs(reference)
+        results["ts_dicom"] = {k: round(v, 4) for k, v in organ_dice(output, reference).items()
+                               if k in present}
+    for name, scores in results.items():
+        print(f"real {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    predictor = Predictor(args.weights)
+    scores = {"generated_unseen": score_generated(predictor, args.cases, args.in_plane_size),
+              "real_ct": score_real(predictor)}
+    print(json.dumps(scores, indent=2))
+    if args.update:
+        path = args.weights / PROVENANCE
+        provenance = json.loads(path.read_text()) if path.exists() else {}
+        provenance["scores"] = scores
+        temporary = path.with_suffix(".json.partial")
+        temporary.write_text(json.dumps(provenance, indent=2) + "\n")
+        temporary.replace(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
