@@ -1,5 +1,7 @@
 """Training pieces: augmentation keeps image and labels aligned; a tiny run trains and exports."""
 
+import csv
+import json
 from dataclasses import replace
 
 import h5py
@@ -97,8 +99,10 @@ def test_tiny_training_run_resumes_and_exports_exactly_the_model_variables(tmp_p
               "--workers", "1"]
     main(common + ["--iterations", "2"])
     main(common + ["--iterations", "4", "--export", str(tmp_path / "weights")])
-    log = (run / "log.csv").read_text().splitlines()
-    assert log[0].startswith("iteration") and "liver" in log[-1]
-    assert any(line.startswith("4,") for line in log)
+    with open(run / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["iteration"] for row in rows] == ["2", "4"]  # the second run resumed at 2
+    scores = json.loads(rows[-1]["validation"])
+    assert scores and all(0.0 <= value <= 1.0 for value in scores.values())
     exported = tmp_path / "weights" / "segmentation.weights.h5"
     assert count_h5_values(exported) == method.SCN_PARAMETERS

@@ -141,6 +141,8 @@ def main(argv=None):
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         print(f"resumed from {manager.latest_checkpoint} at iteration {int(iteration)}")
+        if args.learning_rate:  # an explicit rate overrides the checkpoint's
+            optimizer.learning_rate.assign(args.learning_rate)
 
     start_time = time.time()
     real, generated, validation = prepare_cases(args)
