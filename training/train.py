@@ -107,7 +107,16 @@ class SampleStream:
         return self._queue.get()
 
     def close(self):
+        """Stop the threads and wait for them (a daemon thread killed inside SimpleITK at
+        interpreter exit aborts the process)."""
         self._stop.set()
+        for thread in self._threads:
+            while thread.is_alive():
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    pass
+                thread.join(timeout=0.1)
 
 
 def main(argv=None):
