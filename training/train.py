@@ -48,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-weights", type=Path, default=None,
+                        help="start a new run from this weights folder (e.g. the shipped weights)")
     parser.add_argument("--export", type=Path, default=None,
                         help="write the EMA weights into this weights folder at the end")
     parser.add_argument("--workers", type=int, default=2, help="sampling threads")
@@ -119,6 +121,12 @@ class SampleStream:
                 thread.join(timeout=0.1)
 
 
+def manager_has_checkpoint(run):
+    import tensorflow as tf
+
+    return tf.train.latest_checkpoint(str(run / "checkpoints")) is not None
+
+
 def main(argv=None):
     args = parse_args(argv)
     import keras
@@ -141,6 +149,11 @@ def main(argv=None):
     learning_rate = args.learning_rate or (1e-4 if segmentation else 1e-5)
     optimizer = keras.optimizers.Adam(learning_rate)
     optimizer.build(model.trainable_variables)
+    if args.init_weights and not manager_has_checkpoint(args.run):
+        from app.predictor import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
+
+        model.load_weights(args.init_weights / (SEGMENTATION_WEIGHTS if segmentation
+                                                else LOCALIZATION_WEIGHTS))
     ema = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
     iteration = tf.Variable(0, dtype=tf.int64)
     mean_gradient_norm = tf.Variable(0.0)
