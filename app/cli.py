@@ -8,11 +8,13 @@ is 1 if any case failed.
 """
 
 import argparse
+import gzip
 import json
 import os
 import resource
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,10 +58,26 @@ def check_writable(output_dir):
     probe.unlink()
 
 
+def check_gzip_stream(path, chunk_bytes=1 << 24):
+    """Raise ValueError if a gzip file is truncated or corrupt.
+
+    ITK's NIfTI reader accepts a truncated .nii.gz and fills the missing voxels, so the stream is
+    decompressed once here (in the reader thread, overlapping the previous case) to prove it whole.
+    """
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(chunk_bytes):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: truncated or corrupt gzip data ({error})") from None
+
+
 def read_image(path):
     """Read a CT image with SimpleITK; errors name the file."""
     import SimpleITK as sitk
 
+    if str(path).endswith(".gz"):
+        check_gzip_stream(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -135,7 +153,7 @@ def run(input_dir, output_dir, weights_dir=None, report=None, progress=True):
             if index == 0:
                 record["model_load_seconds"] = round(load_seconds, 3)
             records.append(record)
-            bar.write(summary_line(record))
+            bar.write(summary_line(record), file=sys.stderr if "error" in record else sys.stdout)
             bar.update(1)
             if report_file:
                 report_file.write(json.dumps(record) + "\n")
