@@ -6,7 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from app import method
-from app.geometry import centred_grid, resample
+from app.geometry import centred_grid
 from app.preprocessing import smallest_valid_size
 
 MAX_CROP_SIZE = (max(method.SEGMENTATION_VALID_SIZES_X), max(method.SEGMENTATION_VALID_SIZES_Y),

@@ -66,7 +66,9 @@ def random_transform(rng, output_grid, centre_physical, ranges):
     return composite
 
 
-def _sample(image, labels, grid, transform, rng, ranges):
+def resample_pair(image, labels, grid, transform, rng, ranges):
+    """Image (linear, then random intensity shift/scale, scaled and clipped) and labels (nearest)
+    through one transform onto ``grid``; arrays (z, y, x)."""
     image = sitk.Resample(image, grid.reference(), transform, sitk.sitkLinear,
                           method.PADDING_HU, sitk.sitkFloat32)
     labels = sitk.Resample(labels, grid.reference(), transform, sitk.sitkNearestNeighbor, 0,
@@ -93,7 +95,7 @@ def localization_sample(case, rng, ranges=AugmentationRanges(), max_size_zyx=Non
                             grid.spacing_mm)
     centre = grid.axis_mm_to_physical(image_centre_axis_mm(grid))
     transform = random_transform(rng, grid, centre, ranges)
-    image, labels = _sample(case.localization_image, case.localization_labels, grid, transform,
+    image, labels = resample_pair(case.localization_image, case.localization_labels, grid, transform,
                             rng, ranges)
     return image, (labels > 0).astype(np.uint8)
 
@@ -119,4 +121,4 @@ def segmentation_sample(case, rng, crop_size_zyx, ranges=AugmentationRanges(),
     grid = centred_grid(parent, centre, size_xyz, method.SEGMENTATION_SPACING_MM)
     transform = random_transform(rng, grid, grid.axis_mm_to_physical(image_centre_axis_mm(grid)),
                                  ranges)
-    return _sample(case.segmentation_image, case.segmentation_labels, grid, transform, rng, ranges)
+    return resample_pair(case.segmentation_image, case.segmentation_labels, grid, transform, rng, ranges)

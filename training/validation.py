@@ -32,7 +32,7 @@ def segmentation_scores(model, cases):
         grid, roi = _roi_of(case)
         crop = segmentation_grid(grid, roi)
         transform = augment.random_transform(rng, crop, crop.origin_mm, augment.AugmentationRanges.none())
-        image, labels = augment._sample(case.segmentation_image, case.segmentation_labels, crop,
+        image, labels = augment.resample_pair(case.segmentation_image, case.segmentation_labels, crop,
                                         transform, rng, augment.AugmentationRanges.none())
         probabilities = model(image[None, ..., None], training=False)["probabilities"]
         prediction = np.argmax(np.asarray(probabilities, dtype=np.float32)[0], axis=-1)
