@@ -213,9 +213,19 @@ class SpatialInputNoise(keras.layers.Layer):
 
 
 class UncertaintyCombination(keras.layers.Layer):
-    """P = L*u + S*(1 - u) with u the binary entropy of S in bits, normalised over channels."""
+    """P = L*u + S*(1 - u) with u the binary entropy of S in bits, normalised over channels.
+
+    Computed in float32 whatever the global precision policy: in bfloat16, 1 - 1e-7 rounds to 1
+    and the entropy of a saturated S becomes 0 * log(0) = NaN.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
 
     def call(self, local, spatial):
+        local = tf.cast(local, tf.float32)
+        spatial = tf.cast(spatial, tf.float32)
         eps = 1e-7
         s = tf.clip_by_value(spatial, eps, 1.0 - eps)
         uncertainty = -(s * tf.math.log(s) + (1.0 - s) * tf.math.log(1.0 - s)) / math.log(2.0)

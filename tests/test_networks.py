@@ -83,3 +83,17 @@ def test_scn_outputs_are_normalised_probabilities_of_input_size(scn):
     assert {k: tuple(v.shape) for k, v in outputs.items()} == {
         name: (1, 32, 64, 32, 5) for name in ("local_logits", "spatial_logits", "probabilities")}
     np.testing.assert_allclose(outputs["probabilities"].numpy().sum(-1), 1.0, atol=1e-4)
+
+
+def test_combination_is_finite_for_saturated_bfloat16_inputs():
+    # mixed-precision training feeds bfloat16 sigmoids that reach exactly 0 and 1
+    local = tf.constant([[0.2, 0.9, 0.0, 1.0, 0.1]], tf.bfloat16)
+    spatial = tf.constant([[0.0, 1.0, 0.0, 1.0, 0.0]], tf.bfloat16)
+    with tf.GradientTape() as tape:
+        tape.watch(spatial)
+        combined = UncertaintyCombination()(local, spatial)
+        total = tf.reduce_sum(combined * tf.constant([[0.0, 1.0, 0.0, 0.0, 0.0]]))
+    gradient = tape.gradient(total, spatial)
+    assert combined.dtype == tf.float32
+    assert np.all(np.isfinite(combined.numpy())) and np.all(np.isfinite(gradient.numpy()))
+    np.testing.assert_allclose(combined.numpy(), [[0, 0.5, 0, 0.5, 0]], atol=1e-4)

@@ -132,9 +132,8 @@ def main(argv=None):
     import keras
     import tensorflow as tf
 
-    from app import method
     from app.networks import build_localization_net, build_scn
-    from training import augment, losses
+    from training import augment
     from training.validation import validate
 
     args.run.mkdir(parents=True, exist_ok=True)
@@ -171,8 +170,6 @@ def main(argv=None):
     print(f"{len(real)} real + {len(generated)} generated training cases, "
           f"{len(validation)} validation cases ({time.time() - start_time:.0f} s)", flush=True)
 
-    classes = method.NUM_CLASSES if segmentation else 2
-
     def make_sample(rng):
         use_real = real and (not generated or rng.uniform() < args.data_weight)
         pool = real if use_real else generated
@@ -181,29 +178,8 @@ def main(argv=None):
             return augment.segmentation_sample(case, rng, args.crop_size)
         return augment.localization_sample(case, rng, max_size_zyx=args.crop_size)
 
-    @tf.function(reduce_retracing=True)
-    def train_step(image, labels):
-        one_hot = tf.one_hot(tf.cast(labels, tf.int32), classes)
-        with tf.GradientTape() as tape:
-            outputs = model(image, training=True)
-            loss = (losses.scn_loss(outputs, one_hot) if segmentation
-                    else losses.localization_loss(outputs, one_hot))
-            total = loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses])
-        gradients = tape.gradient(total, model.trainable_variables)
-        norm = tf.linalg.global_norm(gradients)
-        # clip to 5x the running mean of the gradient norm (none before the mean exists)
-        limit = tf.where(mean_gradient_norm > 0, 5.0 * mean_gradient_norm, norm + 1.0)
-        gradients, _ = tf.clip_by_global_norm(gradients, limit, use_norm=norm)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        mean_gradient_norm.assign(tf.where(mean_gradient_norm > 0,
-                                           0.99 * mean_gradient_norm + 0.01 * tf.minimum(norm, limit),
-                                           norm))
-        decay = tf.minimum(args.ema_decay,
-                           (1.0 + tf.cast(iteration, tf.float32)) / (10.0 + tf.cast(iteration, tf.float32)))
-        for average, variable in zip(ema, model.trainable_variables):
-            average.assign(decay * average + (1.0 - decay) * variable)
-        iteration.assign_add(1)
-        return loss, norm
+    train_step = make_train_step(model, optimizer, ema, iteration, mean_gradient_norm,
+                                 segmentation, args.ema_decay)
 
     log_path = args.run / "log.csv"
     new_log = not log_path.exists()
@@ -246,6 +222,45 @@ def main(argv=None):
         log.close()
     if args.export:
         export_weights(model, ema, args.stage, args.export)
+
+
+def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmentation, ema_decay):
+    """A compiled step: loss, gradients clipped to 5x their running mean norm, Adam, EMA update.
+
+    Returns ``step(image (1, z, y, x, 1), labels (1, z, y, x)) -> (loss, gradient norm)``.
+    """
+    import tensorflow as tf
+
+    from app import method
+    from training import losses
+
+    classes = method.NUM_CLASSES if segmentation else 2
+
+    @tf.function(reduce_retracing=True)
+    def train_step(image, labels):
+        one_hot = tf.one_hot(tf.cast(labels, tf.int32), classes)
+        with tf.GradientTape() as tape:
+            outputs = model(image, training=True)
+            loss = (losses.scn_loss(outputs, one_hot) if segmentation
+                    else losses.localization_loss(outputs, one_hot))
+            total = loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses])
+        gradients = tape.gradient(total, model.trainable_variables)
+        norm = tf.linalg.global_norm(gradients)
+        # clip to 5x the running mean of the gradient norm (none before the mean exists)
+        limit = tf.where(mean_gradient_norm > 0, 5.0 * mean_gradient_norm, norm + 1.0)
+        gradients, _ = tf.clip_by_global_norm(gradients, limit, use_norm=norm)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        mean_gradient_norm.assign(tf.where(mean_gradient_norm > 0,
+                                           0.99 * mean_gradient_norm + 0.01 * tf.minimum(norm, limit),
+                                           norm))
+        decay = tf.minimum(ema_decay,
+                           (1.0 + tf.cast(iteration, tf.float32)) / (10.0 + tf.cast(iteration, tf.float32)))
+        for average, variable in zip(ema, model.trainable_variables):
+            average.assign(decay * average + (1.0 - decay) * variable)
+        iteration.assign_add(1)
+        return loss, norm
+
+    return train_step
 
 
 def export_weights(model, ema, stage, weights_dir):
