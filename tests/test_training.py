@@ -106,3 +106,27 @@ def test_tiny_training_run_resumes_and_exports_exactly_the_model_variables(tmp_p
     assert scores and all(0.0 <= value <= 1.0 for value in scores.values())
     exported = tmp_path / "weights" / "segmentation.weights.h5"
     assert count_h5_values(exported) == method.SCN_PARAMETERS
+
+
+def test_sample_stream_is_ordered_and_resumes_at_any_iteration(phantom):
+    import time
+
+    from training.train import SampleStream
+
+    def make_sample(rng):
+        time.sleep(rng.uniform(0, 0.05))  # threads finish out of order
+        return augment.segmentation_sample(phantom, rng, (32, 32, 32))
+
+    def draw(first, count, workers):
+        stream = SampleStream(make_sample, seed=3, workers=workers, first_index=first, depth=4)
+        try:
+            return [stream.next() for _ in range(count)]
+        finally:
+            stream.close()
+
+    uninterrupted = draw(0, 5, workers=3)
+    resumed = draw(3, 2, workers=2)
+    for (image, labels), (image_resumed, labels_resumed) in zip(uninterrupted[3:], resumed):
+        np.testing.assert_array_equal(image, image_resumed)
+        np.testing.assert_array_equal(labels, labels_resumed)
+    assert not np.array_equal(uninterrupted[3][0], uninterrupted[4][0])

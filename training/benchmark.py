@@ -71,7 +71,7 @@ def pipeline_samples_per_second(stage, cases, crop_size_zyx, samples, workers):
             return augment.segmentation_sample(case, rng, crop_size_zyx)
         return augment.localization_sample(case, rng, max_size_zyx=crop_size_zyx)
 
-    stream = SampleStream(make_sample, seed=0, workers=workers, depth=2)
+    stream = SampleStream(make_sample, seed=0, workers=workers, depth=workers)
     try:
         stream.next()  # threads started and warm
         start = time.perf_counter()

@@ -9,10 +9,9 @@ state), a CSV log and the cache of prepared cases.
 """
 
 import argparse
+import collections
 import csv
 import json
-import queue
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,42 +82,39 @@ def prepare_cases(args):
 
 
 class SampleStream:
-    """Augmented samples produced by background threads into a bounded queue."""
+    """Augmented training samples, prepared ahead by a pool of threads, delivered in order.
 
-    def __init__(self, make_sample, seed, workers, depth=6):
-        self._queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        seeds = np.random.SeedSequence(seed).spawn(workers)
-        self._threads = [threading.Thread(target=self._run, args=(make_sample, s), daemon=True)
-                         for s in seeds]
-        for thread in self._threads:
-            thread.start()
+    Sample ``i`` is drawn with its own generator, seeded by (seed, i), so the sequence does not
+    depend on thread timing and a run resumed at iteration ``i`` sees exactly the samples an
+    uninterrupted run would have seen. SimpleITK releases the GIL, so the threads overlap with
+    the network's step.
+    """
 
-    def _run(self, make_sample, seed):
-        rng = np.random.default_rng(seed)
-        while not self._stop.is_set():
-            sample = make_sample(rng)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(sample, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
+    def __init__(self, make_sample, seed, workers, first_index=0, depth=6):
+        self._make_sample = make_sample
+        self._seed = seed
+        self._pool = ThreadPoolExecutor(max(1, workers))
+        self._next_index = first_index
+        self._pending = collections.deque()
+        for _ in range(max(depth, workers)):
+            self._submit()
+
+    def _submit(self):
+        rng = np.random.default_rng([self._seed, self._next_index])
+        self._pending.append(self._pool.submit(self._make_sample, rng))
+        self._next_index += 1
 
     def next(self):
-        return self._queue.get()
+        sample = self._pending.popleft().result()
+        self._submit()
+        return sample
 
     def close(self):
-        """Stop the threads and wait for them (a daemon thread killed inside SimpleITK at
-        interpreter exit aborts the process)."""
-        self._stop.set()
-        for thread in self._threads:
-            while thread.is_alive():
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    pass
-                thread.join(timeout=0.1)
+        """Drop the samples not yet started and wait for the running ones (a thread killed
+        inside SimpleITK at interpreter exit aborts the process)."""
+        for future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
 
 
 def manager_has_checkpoint(run):
@@ -187,7 +183,7 @@ def main(argv=None):
     writer = csv.writer(log)
     if new_log:
         writer.writerow(["iteration", "loss", "seconds", "validation"])
-    stream = SampleStream(make_sample, args.seed * 7919 + int(iteration), args.workers)
+    stream = SampleStream(make_sample, args.seed, args.workers, first_index=int(iteration))
     losses_window = []
     tick = time.time()
     try:
