@@ -27,6 +27,10 @@ def parse_args(argv=None):
     parser.add_argument("--run", type=Path, required=True, help="run folder (checkpoint, log)")
     parser.add_argument("--data", type=Path, action="append", default=[],
                         help="folder of labelled CT (FLARE naming or imagesTr/labelsTr); repeatable")
+    parser.add_argument("--splits", type=Path, default=None,
+                        help="k-fold splits file (training.splits); --data cases are then split "
+                             "into training and held-out validation cases by --fold")
+    parser.add_argument("--fold", type=int, default=0, help="fold of --splits to train")
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder of prepared cases, shareable between runs (default: RUN/cache)")
     parser.add_argument("--data-weight", type=float, default=0.2,
@@ -59,7 +63,11 @@ GENERATED_SEED_OFFSET = {"train": 1_000_000, "validation": 2_000_000}
 
 
 def prepare_cases(args):
-    """(training cases from --data, generated training cases, validation cases)."""
+    """(training cases from --data, generated training cases, validation cases).
+
+    With ``--splits``, the --data cases of the fold's validation set join the generated
+    validation cases, and cases named in neither set of the fold are left out.
+    """
     from training.cases import find_cases, load_case, prepare_case
     from training.store import cached
 
@@ -73,12 +81,26 @@ def prepare_cases(args):
         return cached(cache, name, lambda: prepare_case(
             name, *generate_case(seed, in_plane_size=args.generated_size)))
 
-    real = [cached(cache, name, lambda n=name, i=i, l=l: load_case(n, i, l))
-            for folder in args.data for name, i, l in find_cases(folder)]
+    found = [case for folder in args.data for case in find_cases(folder)]
+    training_names = {name for name, _, _ in found}
+    held_out_names = set()
+    if args.splits:
+        from training.splits import fold_of
+
+        training_names, held_out_names = fold_of(args.splits, args.fold)
+        missing = {name for name, _, _ in found} - training_names - held_out_names
+        if missing:
+            print(f"warning: {len(missing)} cases are not in {args.splits} and are left out: "
+                  f"{', '.join(sorted(missing)[:5])}", flush=True)
+
+    def real(names):
+        return [cached(cache, name, lambda n=name, i=i, l=l: load_case(n, i, l))
+                for name, i, l in found if name in names]
+
     with ThreadPoolExecutor(args.workers) as pool:
         train = list(pool.map(lambda i: generated("train", i), range(args.generated)))
         validation = list(pool.map(lambda i: generated("validation", i), range(args.validation)))
-    return real, train, validation
+    return real(training_names), train, real(held_out_names) + validation
 
 
 class SampleStream:
