@@ -2,6 +2,10 @@
 
     python -m app INPUT_DIR OUTPUT_DIR [--weights DIR] [--report FILE]
 
+``--weights DIR``: a weights folder (default: weights/), for example one written by
+``python -m app.import_weights`` from the published EfficientSCN models; its weights.json decides
+the preprocessing.
+
 Reads every ``NAME_0000.nii.gz`` in INPUT_DIR and writes ``NAME.nii.gz`` (uint8 labels on the
 input's grid) into OUTPUT_DIR. One failing case is reported and the others go on; the exit status
 is 1 if any case failed.
@@ -127,6 +131,9 @@ def run(input_dir, output_dir, weights_dir=None, report=None, progress=True):
 
     predictor = Predictor(weights_dir or DEFAULT_WEIGHTS_DIR)
     load_seconds = time.perf_counter() - start
+    origins = origins_line(predictor.provenance)
+    if origins:  # an imported folder may combine networks of two origins: say so
+        print(f"weights {weights_dir or DEFAULT_WEIGHTS_DIR}: {origins}", file=sys.stderr)
     records = []
     report_file = open(report, "w") if report else None
     from tqdm import tqdm
@@ -187,6 +194,15 @@ def segment_one(predictor, image, output_path, read_start):
     }
 
 
+def origins_line(provenance):
+    """Where each network's weights come from, when weights.json says (imported folders do)."""
+    origins = {network: provenance.get(network, {}).get("origin")
+               for network in ("localization", "segmentation")}
+    if not any(origins.values()):
+        return None
+    return ", ".join(f"{network} = {origin or 'unrecorded'}" for network, origin in origins.items())
+
+
 def summary_line(record):
     if "error" in record:
         return f"{record['case']}: FAILED: {record['error']}"
@@ -201,7 +217,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         records = run(args.input_dir, args.output_dir, args.weights, args.report, not args.quiet)
-    except (FileNotFoundError, PermissionError) as error:
+    except (FileNotFoundError, PermissionError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     failed = [r["case"] for r in records if "error" in r]

@@ -114,6 +114,70 @@ def smooth(image, sigma_mm):
     return sitk.SmoothingRecursiveGaussian(image, sigma_mm)
 
 
+def axis_weights(n_in, spacing_in_mm, first_mm, n_out, spacing_out_mm):
+    """Resampling weights along one axis: ((n_out, n_in) float32 matrix, (n_out,) inside mask).
+
+    Input voxel j is centred at ``j * spacing_in_mm`` and fills the interval of +- half its
+    spacing (nearest-neighbour reading of the image); output voxel k is centred at
+    ``first_mm + k * spacing_out_mm``. Downsampling (output spacing larger): output k is the mean
+    of the input over its own box, +- half the output spacing, each input voxel weighted by the
+    length it overlaps, normalised over the part of the box inside the image (area averaging).
+    Otherwise: linear interpolation between the two nearest input centres, clamped at the border
+    (a box as wide as one input voxel is the same thing). Outputs whose centre lies outside the
+    image's outer voxel edges get no weights and ``inside`` False.
+    """
+    centres = first_mm + np.arange(n_out) * spacing_out_mm
+    inside = (centres >= -spacing_in_mm / 2) & (centres < (n_in - 0.5) * spacing_in_mm)
+    if spacing_out_mm > spacing_in_mm:
+        edges = (np.arange(n_in) - 0.5) * spacing_in_mm
+        low, high = centres[:, None] - spacing_out_mm / 2, centres[:, None] + spacing_out_mm / 2
+        weights = np.clip(np.minimum(high, edges + spacing_in_mm) - np.maximum(low, edges), 0, None)
+    else:
+        position = np.clip(centres / spacing_in_mm, 0, n_in - 1)
+        lower = np.floor(position).astype(int)
+        upper = np.minimum(lower + 1, n_in - 1)
+        weights = np.zeros((n_out, n_in))
+        np.add.at(weights, (np.arange(n_out), lower), 1 - (position - lower))
+        np.add.at(weights, (np.arange(n_out), upper), position - lower)
+    weights[~inside] = 0
+    totals = weights.sum(axis=1, keepdims=True)
+    weights = np.divide(weights, totals, out=np.zeros_like(weights), where=totals > 0)
+    return weights.astype(np.float32), inside
+
+
+def area_resample(image, grid, default_value=0.0, slices_per_block=16):
+    """Area (box) downsampling of ``image`` onto ``grid``; float32 SimpleITK image on ``grid``.
+
+    The grid must share the image's direction (network grids do), so the resampling separates
+    into one weight matrix per axis (``axis_weights``): every output voxel is the mean of the
+    image over the output voxel's box, where the output spacing is larger than the image's, and
+    linear interpolation along axes that are not downsampled. Voxels whose centre lies outside
+    the image get ``default_value``. Raises ValueError for a grid with another direction.
+    """
+    image_grid = Grid.of(image)
+    if not np.allclose(image_grid.direction, grid.direction, atol=1e-6):
+        raise ValueError("area resampling needs a grid with the image's direction, got "
+                         f"{grid.direction} for an image with {image_grid.direction}")
+    first_mm = image_grid.physical_to_axis_mm(grid.origin_mm)
+    (wx, in_x), (wy, in_y), (wz, in_z) = (
+        axis_weights(image_grid.size[a], image_grid.spacing_mm[a], first_mm[a], grid.size[a],
+                     grid.spacing_mm[a]) for a in range(3))
+    voxels = sitk.GetArrayViewFromImage(image)  # (z, y, x)
+    used = np.flatnonzero(wz.any(axis=0))
+    first, last = (used[0], used[-1] + 1) if used.size else (0, 0)
+    planes = np.zeros((last - first, grid.size[1], grid.size[0]), np.float32)
+    for start in range(first, last, slices_per_block):  # bounded memory for large images
+        block = voxels[start:min(start + slices_per_block, last)].astype(np.float32)
+        planes[start - first:start - first + len(block)] = np.matmul(wy, block @ wx.T)
+    values = np.tensordot(wz[:, first:last], planes, axes=(1, 0)).astype(np.float32)
+    values[~(in_z[:, None, None] & in_y[None, :, None] & in_x[None, None, :])] = default_value
+    resampled = sitk.GetImageFromArray(values)
+    resampled.SetSpacing(grid.spacing_mm)
+    resampled.SetOrigin(grid.origin_mm)
+    resampled.SetDirection(grid.direction)
+    return resampled
+
+
 def resample(image, grid, interpolator=sitk.sitkLinear, default_value=0.0,
              pixel_type=sitk.sitkFloat32):
     """Resample ``image`` onto ``grid`` in physical space (SimpleITK, multithreaded)."""

@@ -19,6 +19,7 @@ LOCALIZATION_VALID_SIZES_XY = (32, 48, 64, 80)
 LOCALIZATION_VALID_SIZES_Z = tuple(range(32, 257, 16))
 LOCALIZATION_FIT_SLACK = 0.02  # added to the size ratio when the image must be shrunk
 LOCALIZATION_TRAINING_SIGMA_MM = 3.0  # Gaussian before linear downsampling (training)
+LOCALIZATION_DOWNSAMPLING = ("gaussian", "area")  # ours (training's), published inference's
 ROI_MARGIN_MM = 10.0
 SUSPICIOUS_SPACING_MM = (1.0, 1.0, 1.0)
 ASSUMED_SPACING_MM = (0.8145, 0.8145, 2.528)  # what the published code assumed then
@@ -32,6 +33,7 @@ SEGMENTATION_ENLARGE_THRESHOLD_MM = 1.9  # above it the spacing becomes s + 0.1
 SEGMENTATION_ENLARGE_STEP_MM = 0.1
 SEGMENTATION_SMOOTHING_SIGMA_MM = 1.0
 TRAINING_ROI_MARGIN_MM = 32.0  # Training: ground-truth box + 32 mm
+PUBLISHED_CROP_PADDING_HU = 0.0  # crop padding of the published inference (stage 2)
 
 # Networks.
 DROPOUT_RATE = 0.1

@@ -29,18 +29,42 @@ PROVENANCE = "weights.json"
 class PreprocessingSettings:
     """Preprocessing choices that must match how the weights were trained.
 
-    Read from the ``preprocessing`` entry of weights.json; the defaults are ours.
+    Read from the ``preprocessing`` entry of weights.json; the defaults are ours. Published
+    EfficientSCN weights (``python -m app.import_weights``) need ``PUBLISHED``: area downsampling
+    without smoothing for the localization input, crop padding 0 HU for the segmentation input.
     """
 
     localization_sigma_mm: float = method.LOCALIZATION_TRAINING_SIGMA_MM
     segmentation_sigma_mm: float = method.SEGMENTATION_SMOOTHING_SIGMA_MM
     crop_padding_hu: float = method.PADDING_HU
+    localization_downsampling: str = "gaussian"
+
+    def __post_init__(self):
+        if self.localization_downsampling not in method.LOCALIZATION_DOWNSAMPLING:
+            raise ValueError(f"preprocessing localization_downsampling "
+                             f"{self.localization_downsampling!r} is not one of "
+                             f"{', '.join(method.LOCALIZATION_DOWNSAMPLING)}")
 
     @classmethod
     def from_provenance(cls, provenance):
+        """Settings from a weights.json dict; an unknown setting is an error, not ignored."""
         values = provenance.get("preprocessing", {})
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preprocessing settings {sorted(unknown)}: these weights "
+                             "need preprocessing this version cannot do")
+        return cls(**values)
+
+
+# Which settings belong to which network: a weights folder may combine networks of two origins.
+NETWORK_SETTINGS = {
+    "localization": ("localization_downsampling", "localization_sigma_mm"),
+    "segmentation": ("segmentation_sigma_mm", "crop_padding_hu"),
+}
+PUBLISHED = PreprocessingSettings(  # the published inference (METHOD.md, stages 1 and 2)
+    localization_sigma_mm=0.0, localization_downsampling="area",
+    segmentation_sigma_mm=method.SEGMENTATION_SMOOTHING_SIGMA_MM,
+    crop_padding_hu=method.PUBLISHED_CROP_PADDING_HU)
 
 
 @dataclass
@@ -57,8 +81,17 @@ class CaseResult:
 
 
 def read_provenance(weights_dir):
+    """The weights.json of a weights folder as a dict ({} when there is none)."""
     path = Path(weights_dir) / PROVENANCE
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_settings(weights_dir):
+    """The ``PreprocessingSettings`` of a weights folder; errors name its weights.json."""
+    try:
+        return PreprocessingSettings.from_provenance(read_provenance(weights_dir))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{Path(weights_dir) / PROVENANCE}: {error}") from None
 
 
 class Predictor:
@@ -73,7 +106,7 @@ class Predictor:
             if not (weights_dir / name).is_file():
                 raise FileNotFoundError(f"{weights_dir / name}: weights file missing")
         self.provenance = read_provenance(weights_dir)
-        self.settings = PreprocessingSettings.from_provenance(self.provenance)
+        self.settings = read_settings(weights_dir)
         self.localization_net = build_localization_net()
         self.localization_net.load_weights(weights_dir / LOCALIZATION_WEIGHTS)
         self.scn = build_scn()
@@ -85,6 +118,22 @@ class Predictor:
             input_signature=[volume])
         self._segment = tf.function(
             lambda x: self.scn(x, training=False)["probabilities"], input_signature=[volume])
+
+    def localization_input(self, canonical, loc_grid):
+        """The localization network's input (z, y, x) float32, preprocessed as the weights need."""
+        return network_input(canonical, loc_grid, self.settings.localization_sigma_mm,
+                             method.PADDING_HU, self.settings.localization_downsampling)
+
+    def roi(self, loc_input, loc_grid, image_grid):
+        """Stage 1 on a prepared input: the ROI (``Roi``, canonical image voxels)."""
+        foreground = self._localize(loc_input[None, ..., None]).numpy()[0]
+        return roi_from_foreground(foreground, loc_grid, image_grid)
+
+    def localize(self, canonical):
+        """Stage 1 alone on an image in canonical orientation: its ``Roi``."""
+        grid = Grid.of(canonical)
+        loc_grid = localization_grid(grid)
+        return self.roi(self.localization_input(canonical, loc_grid), loc_grid, grid)
 
     def predict(self, image):
         """Segment a CT (HU) image; returns a ``CaseResult`` whose uint8 labels lie on its grid."""
@@ -102,11 +151,9 @@ class Predictor:
         lap("orientation")
 
         loc_grid = localization_grid(grid)
-        loc_input = network_input(canonical, loc_grid, self.settings.localization_sigma_mm,
-                                  method.PADDING_HU)
+        loc_input = self.localization_input(canonical, loc_grid)
         lap("localization_preprocessing")
-        foreground = self._localize(loc_input[None, ..., None]).numpy()[0]
-        roi = roi_from_foreground(foreground, loc_grid, grid)
+        roi = self.roi(loc_input, loc_grid, grid)
         lap("localization_network")
 
         crop_grid = segmentation_grid(grid, roi)

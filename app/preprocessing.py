@@ -4,7 +4,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from app import method
-from app.geometry import Grid, crop_with_margin, image_centre_axis_mm, resample, smooth
+from app.geometry import (Grid, area_resample, crop_with_margin, image_centre_axis_mm, resample,
+                          smooth)
 
 
 def scale_intensity(hu):
@@ -18,17 +19,28 @@ def smallest_valid_size(voxels, valid_sizes):
     return min(larger) if larger else max(valid_sizes)
 
 
-def network_input(image, grid, sigma_mm, padding_hu):
+def network_input(image, grid, sigma_mm, padding_hu, downsampling="gaussian"):
     """Resample a CT onto a network grid and scale it: float32 array (z, y, x).
 
-    Gaussian smoothing (``sigma_mm``, physical) is applied to the part of the image the grid
-    covers, then linear interpolation; voxels outside the image get ``padding_hu``.
+    ``downsampling`` "gaussian" (ours): Gaussian smoothing (``sigma_mm``, physical) of the part
+    of the image the grid covers, then linear interpolation. "area" (the published inference's
+    localization input): area averaging over each grid voxel's box (``geometry.area_resample``),
+    after Gaussian smoothing only if ``sigma_mm`` > 0. Voxels outside the image get ``padding_hu``.
     """
+    if downsampling not in method.LOCALIZATION_DOWNSAMPLING:
+        raise ValueError(f"downsampling {downsampling!r} is not one of "
+                         f"{', '.join(method.LOCALIZATION_DOWNSAMPLING)}")
     image_grid = Grid.of(image)
     centre_in_image = image_grid.physical_to_axis_mm(
         grid.axis_mm_to_physical(image_centre_axis_mm(grid)))
     parent_spacing = np.asarray(image_grid.spacing_mm)
-    region = crop_with_margin(image, centre_in_image, grid.extent_mm,
-                              3 * sigma_mm + 2 * float(parent_spacing.max()))
-    resampled = resample(smooth(region, sigma_mm), grid, sitk.sitkLinear, padding_hu)
+    margin_mm = 3 * sigma_mm + 2 * float(parent_spacing.max())
+    if downsampling == "area":
+        margin_mm += max(grid.spacing_mm)  # a box reaches half a grid voxel beyond its centre
+    region = crop_with_margin(image, centre_in_image, grid.extent_mm, margin_mm)
+    if downsampling == "area":
+        source = smooth(region, sigma_mm) if sigma_mm > 0 else region
+        resampled = area_resample(source, grid, padding_hu)
+    else:
+        resampled = resample(smooth(region, sigma_mm), grid, sitk.sitkLinear, padding_hu)
     return scale_intensity(sitk.GetArrayViewFromImage(resampled))
