@@ -1,5 +1,8 @@
 """Score a weights folder on unseen generated cases and on the real CT of ../shared/data.
 
+DSC and NSD at 1 mm (the FLARE21 protocol, evaluation.metrics.challenge_scores) per organ present
+in the reference.
+
     python -m evaluation.score_weights [--weights weights] [--cases 10] [--update]
 
 Generated test cases use seeds that training never uses (training/train.py draws its cases from
@@ -18,7 +21,7 @@ import SimpleITK as sitk
 
 from app import method
 from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE, Predictor
-from evaluation.metrics import organ_dice
+from evaluation.metrics import challenge_scores, same_grid
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TEST_SEED_OFFSET = 3_000_000
@@ -33,20 +36,34 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def summarise(per_case):
-    """Mean, std and count per organ over cases that contain the organ."""
+NSD_TOLERANCE_MM = 1.0
+
+
+def organ_scores(prediction, reference):
+    """{organ: {"dsc", "nsd"}} for the organs present in ``reference`` (same grid required)."""
+    if not same_grid(prediction, reference):
+        raise ValueError("prediction and reference lie on different grids")
+    predicted = sitk.GetArrayViewFromImage(prediction)
+    expected = sitk.GetArrayViewFromImage(reference)
+    spacing_mm = reference.GetSpacing()[::-1]
+    scores = {}
+    for label, name in method.LABELS.items():
+        if (expected == label).any():
+            dsc, nsd = challenge_scores(expected == label, predicted == label, spacing_mm,
+                                        NSD_TOLERANCE_MM)
+            scores[name] = {"dsc": round(dsc, 4), "nsd": round(nsd, 4)}
+    return scores
+
+
+def summarise(per_case, metric):
+    """Mean, std and count of ``metric`` per organ over cases that contain the organ."""
     summary = {}
     for name in method.LABELS.values():
-        values = [scores[name] for scores in per_case if name in scores]
+        values = [scores[name][metric] for scores in per_case if name in scores]
         if values:
             summary[name] = {"mean": round(float(np.mean(values)), 4),
                              "std": round(float(np.std(values)), 4), "cases": len(values)}
     return summary
-
-
-def present_organs(labels):
-    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=method.NUM_CLASSES)
-    return {name for label, name in method.LABELS.items() if counts[label] > 0}
 
 
 def score_generated(predictor, cases, in_plane_size):
@@ -58,14 +75,17 @@ def score_generated(predictor, cases, in_plane_size):
         start = time.perf_counter()
         output = predictor.predict(image).labels
         seconds.append(time.perf_counter() - start)
-        scores = organ_dice(output, labels)
-        present = present_organs(labels)
-        per_case.append({k: v for k, v in scores.items() if k in present})
-        print(f"generated {index}: size {image.GetSize()}, "
-              + ", ".join(f"{k} {v:.3f}" for k, v in per_case[-1].items()), flush=True)
+        per_case.append(organ_scores(output, labels))
+        print(f"generated {index}: size {image.GetSize()}, " + format_scores(per_case[-1]),
+              flush=True)
     return {"cases": cases, "seeds": f"{TEST_SEED_OFFSET}..{TEST_SEED_OFFSET + cases - 1}",
-            "in_plane_size": in_plane_size, "dsc": summarise(per_case),
+            "in_plane_size": in_plane_size, "dsc": summarise(per_case, "dsc"),
+            f"nsd_{NSD_TOLERANCE_MM:g}mm": summarise(per_case, "nsd"),
             "mean_predict_seconds": round(float(np.mean(seconds)), 2)}
+
+
+def format_scores(scores):
+    return ", ".join(f"{k} DSC {v['dsc']:.3f} NSD {v['nsd']:.3f}" for k, v in scores.items())
 
 
 def read_dicom_series(folder):
@@ -75,15 +95,13 @@ def read_dicom_series(folder):
 
 
 def score_real(predictor):
-    """DSC on the real CT of ../shared/data (labels compared in physical space)."""
+    """DSC and NSD on the real CT of ../shared/data (labels compared in physical space)."""
     results = {}
     example = SHARED_DATA / "images" / "ts_example_0000.nii.gz"
     if example.is_file():
         output = predictor.predict(sitk.ReadImage(str(example))).labels
         reference = sitk.ReadImage(str(SHARED_DATA / "labels" / "ts_example.nii.gz"))
-        present = present_organs(reference)
-        results["ts_example"] = {k: round(v, 4) for k, v in organ_dice(output, reference).items()
-                                 if k in present}
+        results["ts_example"] = organ_scores(output, reference)
     dicom = SHARED_DATA / "dicom" / "ts_dicom_slices"
     if dicom.is_dir():
         output = predictor.predict(read_dicom_series(dicom)).labels
@@ -91,11 +109,9 @@ def score_real(predictor):
         # the reference is stored with a flipped axis: bring it onto the prediction's grid
         reference = sitk.Resample(reference, output, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                                   sitk.sitkUInt8)
-        present = present_organs(reference)
-        results["ts_dicom"] = {k: round(v, 4) for k, v in organ_dice(output, reference).items()
-                               if k in present}
+        results["ts_dicom"] = organ_scores(output, reference)
     for name, scores in results.items():
-        print(f"real {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        print(f"real {name}: " + format_scores(scores))
     return results
 
 
