@@ -41,10 +41,23 @@ def test_command_line_splits_a_flare_folder(tmp_path, capsys):
         (data / f"case_{i}_0000.nii.gz").touch()
         (data / f"case_{i}.nii.gz").touch()
     (data / "unlabelled_0000.nii.gz").touch()  # no label: not a training case
-    main(["--data", str(data), "--folds", "2", "--out", str(tmp_path / "splits.json")])
+    main(["make", "--data", str(data), "--folds", "2", "--out", str(tmp_path / "splits.json")])
     folds = read_splits(tmp_path / "splits.json")
     assert sorted(folds[0]["validation"] + folds[1]["validation"]) == [f"case_{i}" for i in range(5)]
     assert "5 cases in 2 folds" in capsys.readouterr().out
+
+    main(["held-out", "--splits", str(tmp_path / "splits.json"), "--fold", "1", "--data", str(data),
+          "--out", str(tmp_path / "fold1")])
+    images = sorted(p.name for p in (tmp_path / "fold1" / "images").iterdir())
+    labels = sorted(p.name for p in (tmp_path / "fold1" / "labels").iterdir())
+    assert images == [f"{name}_0000.nii.gz" for name in folds[1]["validation"]]
+    assert labels == [f"{name}.nii.gz" for name in folds[1]["validation"]]
+    assert (tmp_path / "fold1" / "labels" / labels[0]).resolve() == data / labels[0]
+
+    write_splits(tmp_path / "bad.json", [{"train": [], "validation": ["case_9"]}] * 2)
+    with pytest.raises(ValueError, match="not found in the data: case_9"):
+        main(["held-out", "--splits", str(tmp_path / "bad.json"), "--fold", "0",
+              "--data", str(data), "--out", str(tmp_path / "bad")])
 
 
 def test_training_holds_out_the_fold_s_validation_cases(tmp_path):

@@ -1,6 +1,10 @@
 """K-fold splits of labelled cases: made once, stored as JSON, read by training (``--splits``).
 
-    python -m training.splits --data FLARE21/TrainingImg_and_Mask --folds 4 --out splits.json
+    python -m training.splits make --data FLARE21 --folds 4 --out splits.json
+    python -m training.splits held-out --splits splits.json --fold 0 --data FLARE21 --out fold0
+
+``held-out`` links a fold's validation cases into ``OUT/images`` (``NAME_0000.nii.gz``) and
+``OUT/labels`` (``NAME.nii.gz``), ready for ``python -m app`` and ``python -m evaluation.evaluate``.
 
 The file is a list with one entry per fold, ``{"train": [names], "validation": [names]}``; every
 case is in the validation set of exactly one fold. Case names are those of training.cases
@@ -57,16 +61,53 @@ def write_splits(path, splits):
     temporary.replace(path)
 
 
+def link_held_out(splits_path, fold, data_dirs, out_dir):
+    """Symlink the validation cases of ``fold`` into ``out_dir``/images and ``out_dir``/labels.
+
+    Returns the number of cases linked; a held-out name without data is an error naming it.
+    """
+    from training.cases import find_cases
+
+    _, held_out = fold_of(splits_path, fold)
+    found = {name: (image, label) for folder in data_dirs for name, image, label in find_cases(folder)}
+    missing = sorted(held_out - set(found))
+    if missing:
+        raise ValueError(f"{splits_path}: fold {fold} names cases not found in the data: "
+                         f"{', '.join(missing[:5])}")
+    out_dir = Path(out_dir)
+    for sub in ("images", "labels"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    for name in sorted(held_out):
+        image, label = found[name]
+        for link, target in ((out_dir / "images" / f"{name}_0000.nii.gz", image),
+                             (out_dir / "labels" / f"{name}.nii.gz", label)):
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path(target).resolve())
+    return len(held_out)
+
+
 def main(argv=None):
     from training.cases import find_cases
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, action="append", required=True,
-                        help="folder of labelled CT (FLARE naming or imagesTr/labelsTr); repeatable")
-    parser.add_argument("--folds", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="splits JSON file to write")
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("make", help="write a k-fold splits file")
+    make.add_argument("--data", type=Path, action="append", required=True,
+                      help="folder of labelled CT (FLARE naming or imagesTr/labelsTr); repeatable")
+    make.add_argument("--folds", type=int, default=4)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--out", type=Path, required=True, help="splits JSON file to write")
+    held_out = commands.add_parser("held-out", help="link a fold's validation cases into a folder")
+    held_out.add_argument("--splits", type=Path, required=True)
+    held_out.add_argument("--fold", type=int, required=True)
+    held_out.add_argument("--data", type=Path, action="append", required=True)
+    held_out.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.command == "held-out":
+        count = link_held_out(args.splits, args.fold, args.data, args.out)
+        print(f"fold {args.fold}: {count} held-out cases linked into {args.out}/images and "
+              f"{args.out}/labels")
+        return
     names = [name for folder in args.data for name, _, _ in find_cases(folder)]
     splits = make_folds(names, args.folds, args.seed)
     write_splits(args.out, splits)
