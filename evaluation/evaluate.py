@@ -115,13 +115,23 @@ def case_name(path):
     return stem[:-len(IMAGE_CHANNEL_SUFFIX)] if stem.endswith(IMAGE_CHANNEL_SUFFIX) else stem
 
 
-def files_by_case(folder):
-    """{case name: [paths]} of the image files in a folder (several paths: an ambiguous case)."""
+def files_by_case(folder, prefer_image_naming=False):
+    """{case name: [paths]} of the image files in a folder (several paths: an ambiguous case).
+
+    A FLARE data folder holds both ``NAME_0000.nii.gz`` (the CT) and ``NAME.nii.gz`` (its label):
+    such a pair is not ambiguous; the label naming is kept, or the image naming with
+    ``prefer_image_naming``.
+    """
     cases = {}
     for path in sorted(Path(folder).iterdir()):
         name = case_name(path)
         if name is not None and path.is_file():
             cases.setdefault(name, []).append(path)
+    for name, paths in cases.items():
+        channel = [p for p in paths if Path(p).name.startswith(name + IMAGE_CHANNEL_SUFFIX + ".")]
+        plain = [p for p in paths if p not in channel]
+        if len(channel) == 1 and len(plain) == 1:
+            cases[name] = channel if prefer_image_naming else plain
     return cases
 
 
@@ -424,7 +434,7 @@ def write_previews(evaluation, predictions, labels, images_dir, previews_dir, or
     """Preview PNGs ``previews_dir/CASE.png`` of the ``count`` worst scored cases (or all); a
     preview that fails is reported on stderr and in ``evaluation.failures`` as ``CASE (preview)``."""
     previews_dir.mkdir(parents=True, exist_ok=True)
-    images = files_by_case(images_dir) if images_dir is not None else {}
+    images = files_by_case(images_dir, prefer_image_naming=True) if images_dir is not None else {}
     jobs = [(case, predictions[case][0], labels[case][0], (images.get(case) or [None])[0],
              previews_dir / f"{case}.png", organs, resample, preview_title(case, evaluation.rows))
             for case in worst_cases(evaluation.rows, count)]

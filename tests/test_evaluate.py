@@ -19,7 +19,7 @@ from scipy import ndimage
 from surface_distance import lookup_tables
 
 from evaluation import surface
-from evaluation.evaluate import case_name, evaluate_folder, make_protocol, parse_organs
+from evaluation.evaluate import case_name, evaluate_folder, files_by_case, make_protocol, parse_organs
 from evaluation.metrics import challenge_scores
 from tests.conftest import ROOT
 
@@ -293,6 +293,18 @@ def test_protocols_set_the_challenge_tolerances():
                                         ("x.nii", "x"), ("notes.csv", None), (".hidden.nii.gz", None)])
 def test_files_pair_by_case_name(name, case):
     assert case_name(name) == case
+
+
+def test_a_flare_data_folder_pairs_images_and_labels_without_ambiguity(tmp_path):
+    for name in ("a_0000.nii.gz", "a.nii.gz", "b_0000.nii.gz", "c.nii.gz", "c_0000.nii.gz",
+                 "c_0000.nii"):
+        (tmp_path / name).touch()
+    labels = files_by_case(tmp_path)
+    assert [p.name for p in labels["a"]] == ["a.nii.gz"]  # the label, not the CT beside it
+    assert [p.name for p in labels["b"]] == ["b_0000.nii.gz"]
+    assert len(labels["c"]) == 3  # three candidates stay ambiguous
+    images = files_by_case(tmp_path, prefer_image_naming=True)
+    assert [p.name for p in images["a"]] == ["a_0000.nii.gz"]
 
 
 # --- The folder tool -------------------------------------------------------------------------------
