@@ -12,13 +12,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def shared_data_or_skip():
-    """The ../shared/data folder; skipped where absent, but a failure in CI (REQUIRE_SHARED_DATA)."""
-    if SHARED_DATA.is_dir():
-        return SHARED_DATA
+def shared_or_skip(path, why_needed):
+    """``path`` (under ../shared); skipped where absent, but a failure in CI (REQUIRE_SHARED_DATA)."""
+    if path.exists():
+        return path
     if os.environ.get("REQUIRE_SHARED_DATA"):
-        pytest.fail(f"{SHARED_DATA} is missing but REQUIRE_SHARED_DATA is set (CI must use it)")
-    pytest.skip(f"{SHARED_DATA} is absent (real CT tests need the shared data folder)")
+        pytest.fail(f"{path} is missing but REQUIRE_SHARED_DATA is set (CI must use it)")
+    pytest.skip(f"{path} is absent ({why_needed})")
+
+
+def shared_data_or_skip():
+    """The ../shared/data folder of real CT."""
+    return shared_or_skip(SHARED_DATA, "real CT tests need the shared data folder")
 
 
 @pytest.fixture(scope="session")

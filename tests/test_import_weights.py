@@ -28,7 +28,7 @@ from app.predictor import (DEFAULT_WEIGHTS_DIR, PROVENANCE, Predictor, Preproces
 from app.preprocessing import network_input
 from evaluation.roi_coverage import roi_coverage
 from synthetic import generate_case
-from tests.conftest import ROOT
+from tests.conftest import ROOT, shared_or_skip
 
 UPSTREAM = ROOT.parent / "shared" / "upstream" / "efficientscn"
 SPATIAL_NETS = ("liver", "kidney", "spleen", "pancreas", "background")  # published creation order
@@ -36,11 +36,9 @@ SPATIAL_NETS = ("liver", "kidney", "spleen", "pancreas", "background")  # publis
 
 def published_or_skip():
     """../shared/upstream/efficientscn: skipped where absent, failed under REQUIRE_SHARED_DATA."""
-    if (UPSTREAM / "localization" / "variables" / "variables.index").is_file():
-        return UPSTREAM
-    if os.environ.get("REQUIRE_SHARED_DATA"):
-        pytest.fail(f"{UPSTREAM} is missing but REQUIRE_SHARED_DATA is set (CI must use it)")
-    pytest.skip(f"{UPSTREAM} is absent (the published weights are obtained by users, not shipped)")
+    shared_or_skip(UPSTREAM / "localization" / "variables" / "variables.index",
+                   "the published weights are obtained by users, not shipped")
+    return UPSTREAM
 
 
 @pytest.fixture(scope="module")
