@@ -127,7 +127,7 @@ class Predictor:
     def roi(self, loc_input, loc_grid, image_grid):
         """Stage 1 on a prepared input: the ROI (``Roi``, canonical image voxels)."""
         foreground = self._localize(loc_input[None, ..., None]).numpy()[0]
-        return roi_from_foreground(foreground, loc_grid, image_grid)
+        return roi_from_foreground(foreground, loc_grid, image_grid, network_input=loc_input)
 
     def localize(self, canonical):
         """Stage 1 alone on an image in canonical orientation: its ``Roi``."""
