@@ -4,7 +4,8 @@
         --segmentation-run runs/scn
 
 Reads each run folder's args.json and log.csv; keeps any ``scores`` already in weights.json
-(evaluation/score_weights.py --update writes them).
+(evaluation/score_weights.py --update writes them), its ``notes``, and per network the fields
+recorded by hand that the runs cannot tell (e.g. a learning-rate schedule across resumed runs).
 """
 
 import argparse
@@ -73,8 +74,13 @@ def main(argv=None):
         "localization": run_summary(args.localization_run),
         "segmentation": run_summary(args.segmentation_run),
     }
-    if "scores" in previous:
-        provenance["scores"] = previous["scores"]
+    for network in ("localization", "segmentation"):
+        recorded = previous.get(network, {})
+        provenance[network] = {**{k: v for k, v in recorded.items() if k not in provenance[network]},
+                               **provenance[network]}
+    for kept in ("notes", "scores"):
+        if kept in previous:
+            provenance[kept] = previous[kept]
     temporary = path.with_suffix(".json.partial")
     temporary.write_text(json.dumps(provenance, indent=2) + "\n")
     temporary.replace(path)

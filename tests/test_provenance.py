@@ -1,0 +1,39 @@
+"""weights.json provenance: summaries from run folders, hand-recorded fields and scores kept."""
+
+import json
+
+from training.provenance import main, training_seconds
+
+
+def write_run(folder, iterations, log_rows):
+    folder.mkdir()
+    (folder / "args.json").write_text(json.dumps({
+        "iterations": iterations, "generated": 4, "generated_size": 64, "data": ["data"],
+        "data_weight": 0.2, "crop_size": [64, 64, 64], "learning_rate": 2e-4, "ema_decay": 0.999,
+        "precision": "bfloat16"}))
+    lines = ["iteration,loss,seconds,validation"] + log_rows
+    (folder / "log.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_wall_time_adds_up_resumed_processes(tmp_path):
+    write_run(tmp_path / "run", 60, ["20,1.0,10.0,", "40,0.9,25.5,", "60,0.8,7.0,"])
+    assert training_seconds(tmp_path / "run" / "log.csv") == 32.5  # 25.5 + 7.0 after the restart
+
+
+def test_provenance_keeps_scores_notes_and_hand_recorded_fields(tmp_path):
+    write_run(tmp_path / "loc", 40, ["20,0.5,10.0,", '40,0.4,20.0,"{""foreground_dsc"": 0.8}"'])
+    write_run(tmp_path / "scn", 80, ['80,0.7,30.0,"{""liver"": 0.9}"'])
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "weights.json").write_text(json.dumps({
+        "scores": {"real_ct": {"x": 1}}, "notes": "hand note",
+        "segmentation": {"iterations": 1, "learning_rate_schedule": "1e-4, then 2e-4"}}))
+    main(["--weights", str(weights), "--localization-run", str(tmp_path / "loc"),
+          "--segmentation-run", str(tmp_path / "scn")])
+    provenance = json.loads((weights / "weights.json").read_text())
+    assert provenance["scores"] == {"real_ct": {"x": 1}} and provenance["notes"] == "hand note"
+    assert provenance["segmentation"]["iterations"] == 80  # from the run, not the old file
+    assert provenance["segmentation"]["learning_rate_schedule"] == "1e-4, then 2e-4"
+    assert provenance["segmentation"]["last_validation"] == {"liver": 0.9}
+    assert provenance["localization"]["training_wall_seconds"] == 20.0
+    assert provenance["preprocessing"]["crop_padding_hu"] == -1024.0
