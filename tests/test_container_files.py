@@ -14,13 +14,13 @@ from tests.conftest import ROOT
 def test_dockerfile_is_clean_under_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
     completed = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True,
-                               text=True, timeout=60)
+                               text=True, encoding="utf-8", errors="replace", timeout=60)
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
 def test_runtime_pins_are_the_closure_of_app_imports_at_the_project_versions():
     completed = subprocess.run([sys.executable, str(ROOT / "container" / "check_pins.py")],
-                               capture_output=True, text=True, timeout=120, cwd=ROOT)
+                               capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, cwd=ROOT)
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 

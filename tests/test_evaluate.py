@@ -363,7 +363,7 @@ def folders(tmp_path):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "evaluation.evaluate", *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def test_cli_scores_a_folder_reports_bad_cases_by_file_and_exits_1(folders, tmp_path):

@@ -420,7 +420,7 @@ def test_an_explicit_weights_option_wins_over_weights_dir(imported_localization,
     empty.mkdir()
     completed = subprocess.run(
         [str(ROOT / "predict.sh"), str(inputs), str(tmp_path / "out"), "--weights", str(empty)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
         env={**os.environ, "WEIGHTS_DIR": str(imported_localization)})
     assert completed.returncode == 2, completed.stderr
     assert f"{empty / 'localization.weights.h5'}: weights file missing" in completed.stderr
@@ -434,7 +434,7 @@ def test_predict_sh_runs_the_weights_of_weights_dir_and_names_their_origins(impo
     (tmp_path / "inputs" / "case.nii.gz").unlink()  # the labels
     completed = subprocess.run([str(ROOT / "predict.sh"), str(tmp_path / "inputs"),
                                 str(tmp_path / "out"), "--quiet"], capture_output=True,
-                               text=True, timeout=300,
+                               text=True, encoding="utf-8", errors="replace", timeout=300,
                                env={**os.environ, "WEIGHTS_DIR": str(imported_localization)})
     assert completed.returncode == 0, completed.stderr
     assert ("localization = published EfficientSCN SavedModel, segmentation = copied from "

@@ -19,7 +19,7 @@ from app import io as image_io
 from app.cli import is_out_of_memory, main
 from app.io import Case, InputError, find_cases, read_case, write_labels
 from app.predictor import Predictor
-from evaluation.metrics import organ_dice
+from evaluation.metrics import dice
 from synthetic import CaseGeometry, generate_case
 
 ANGLE = np.radians(5.7)  # an oblique direction: rotated about z
@@ -493,10 +493,15 @@ def test_the_real_dicom_series_is_segmented_where_its_label_says(tmp_path, predi
     image, _ = read_case(Case("ts_dicom", inputs / "ts_dicom", "dicom"))
     output = sitk.ReadImage(str(outputs / "ts_dicom.nii.gz"))
     assert same_grid(output, image)
-    reference = on_grid(sitk.ReadImage(str(shared_data / "dicom" / "ts_dicom.nii.gz")), output)
-    # measured 0.47 (the first weights segment the liver only); compared as raw arrays, which
-    # ignores the flip, the same output scores 0.30
-    assert organ_dice(output, reference)["liver"] >= 0.4
+    label = sitk.ReadImage(str(shared_data / "dicom" / "ts_dicom.nii.gz"))
+    reference = on_grid(label, output)
+    predicted = sitk.GetArrayViewFromImage(output) > 0
+    in_physical_space = dice(predicted, sitk.GetArrayViewFromImage(reference) > 0)
+    as_raw_arrays = dice(predicted, sitk.GetArrayViewFromImage(label) > 0)  # ignores the flip
+    # organ voxels, any organ; measured with the 4,200-iteration weights: 0.27 in physical space,
+    # 0.12 as raw arrays (a 40 mm slab is the shipped weights' weak point)
+    assert in_physical_space >= 0.2
+    assert in_physical_space >= 1.5 * as_raw_arrays
 
 
 # ---------------------------------------------------------------------------------------------

@@ -398,7 +398,7 @@ def test_command_line_traces_cases_and_reports_failures_and_timeouts(tmp_path):
         [PYTHON, "-m", "evaluation.trace", str(inputs), "--out", str(out),
          "--command", f"{PYTHON} {script} {{inputs}} {{outputs}} {{name}}",
          "--timeout", "5", "--kill-grace", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert completed.returncode == 1, completed.stderr
     assert time.monotonic() - started < 60
