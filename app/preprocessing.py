@@ -4,8 +4,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from app import method
-from app.geometry import (Grid, area_resample, crop_with_margin, image_centre_axis_mm, resample,
-                          smooth)
+from app.geometry import (Grid, area_resample, crop_with_margin, image_centre_axis_mm,
+                          margin_region, resample, smooth, smooth_and_resample)
 
 
 def scale_intensity(hu):
@@ -19,13 +19,19 @@ def smallest_valid_size(voxels, valid_sizes):
     return min(larger) if larger else max(valid_sizes)
 
 
-def network_input(image, grid, sigma_mm, padding_hu, downsampling="gaussian"):
+def network_input(image, grid, sigma_mm, padding_hu, downsampling="gaussian", *, plain=False):
     """Resample a CT onto a network grid and scale it: float32 array (z, y, x).
 
     ``downsampling`` "gaussian" (ours): Gaussian smoothing (``sigma_mm``, physical) of the part
     of the image the grid covers, then linear interpolation. "area" (the published inference's
     localization input): area averaging over each grid voxel's box (``geometry.area_resample``),
     after Gaussian smoothing only if ``sigma_mm`` > 0. Voxels outside the image get ``padding_hu``.
+
+    Both are computed in one separable pass over the image's own voxels
+    (``geometry.smooth_and_resample``: no float copy of the image, no smoothed intermediate).
+    ``plain=True`` computes the same thing step by step with SimpleITK filters (crop, cast,
+    smooth, resample): the reference the fast pass is tested against, equal to float32
+    rounding; grids with another direction than the image's always take that way.
     """
     if downsampling not in method.LOCALIZATION_DOWNSAMPLING:
         raise ValueError(f"downsampling {downsampling!r} is not one of "
@@ -37,6 +43,14 @@ def network_input(image, grid, sigma_mm, padding_hu, downsampling="gaussian"):
     margin_mm = 3 * sigma_mm + 2 * float(parent_spacing.max())
     if downsampling == "area":
         margin_mm += max(grid.spacing_mm)  # a box reaches half a grid voxel beyond its centre
+    same_direction = np.allclose(image_grid.direction, grid.direction, atol=1e-6)
+    if not plain and same_direction:
+        region = margin_region(image_grid, centre_in_image, grid.extent_mm, margin_mm)
+        values = smooth_and_resample(image, grid, sigma_mm,
+                                     "area" if downsampling == "area" else "linear", padding_hu,
+                                     region)
+        values /= np.float32(method.INTENSITY_DIVISOR_HU)  # scale_intensity, in place
+        return np.clip(values, -1.0, 1.0, out=values)
     region = crop_with_margin(image, centre_in_image, grid.extent_mm, margin_mm)
     if downsampling == "area":
         source = smooth(region, sigma_mm) if sigma_mm > 0 else region

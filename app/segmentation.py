@@ -6,7 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from app import method
-from app.geometry import centred_grid
+from app.geometry import centred_grid, linear_positions
 from app.preprocessing import smallest_valid_size
 
 MAX_CROP_SIZE = (max(method.SEGMENTATION_VALID_SIZES_X), max(method.SEGMENTATION_VALID_SIZES_Y),
@@ -33,20 +33,80 @@ def segmentation_grid(image_grid, roi):
     return centred_grid(image_grid, (low_mm + high_mm) / 2, size, spacing)
 
 
-def labels_on_roi(probabilities, crop_grid, roi_grid):
+def labels_on_roi(probabilities, crop_grid, roi_grid, *, plain=False):
     """Linear resampling of the class probabilities onto the ROI grid, then argmax.
 
     ``probabilities``: float array (z, y, x, classes) on ``crop_grid``. Returns uint8 labels
-    (z, y, x) on ``roi_grid``.
+    (z, y, x) on ``roi_grid``; ROI voxels outside the crop get 0 (background).
+
+    The fast way (default; grids sharing one direction, as the crop and the ROI do) never builds
+    the probabilities at ROI resolution: where all 8 crop voxels around an ROI voxel have the
+    same argmax, so has their linear interpolation (a convex combination keeps the largest
+    component largest, ties going to the lower label as in ``np.argmax``), and the label is
+    looked up; only in the cells where the crop's labels differ are the probabilities
+    interpolated (``labels_by_cells``). ``plain=True``: resample all channels onto the ROI with
+    SimpleITK, then argmax (the reference; the two agree but for float rounding at exact ties).
     """
-    vector = sitk.GetImageFromArray(np.ascontiguousarray(probabilities, dtype=np.float32),
-                                    isVector=True)
-    vector.SetSpacing(crop_grid.spacing_mm)
-    vector.SetOrigin(crop_grid.origin_mm)
-    vector.SetDirection(crop_grid.direction)
-    on_roi = sitk.Resample(vector, roi_grid.reference(), sitk.Transform(), sitk.sitkLinear, 0.0,
-                           sitk.sitkVectorFloat32)
-    return np.argmax(sitk.GetArrayViewFromImage(on_roi), axis=-1).astype(np.uint8)
+    if plain or not np.allclose(crop_grid.direction, roi_grid.direction, atol=1e-6):
+        vector = sitk.GetImageFromArray(np.ascontiguousarray(probabilities, dtype=np.float32),
+                                        isVector=True)
+        vector.SetSpacing(crop_grid.spacing_mm)
+        vector.SetOrigin(crop_grid.origin_mm)
+        vector.SetDirection(crop_grid.direction)
+        on_roi = sitk.Resample(vector, roi_grid.reference(), sitk.Transform(), sitk.sitkLinear,
+                               0.0, sitk.sitkVectorFloat32)
+        return np.argmax(sitk.GetArrayViewFromImage(on_roi), axis=-1).astype(np.uint8)
+    first_mm = crop_grid.physical_to_axis_mm(roi_grid.origin_mm)
+    positions = [linear_positions(crop_grid.size[a], crop_grid.spacing_mm[a], first_mm[a],
+                                  roi_grid.size[a], roi_grid.spacing_mm[a]) for a in range(3)]
+    return labels_by_cells(probabilities, positions)
+
+
+def labels_by_cells(probabilities, positions_xyz):
+    """Argmax of the linearly interpolated ``probabilities`` (z, y, x, classes) at the output
+    voxels given per axis by ``geometry.linear_positions`` (x, y, z): uint8 labels (z, y, x).
+
+    Works one output slice at a time; each slice looks up the labels of uniform cells and
+    interpolates (in float64) only the output voxels in cells whose 8 corners disagree.
+    """
+    probabilities = np.asarray(probabilities)
+    crop_labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+    x_axis, y_axis, z_axis = positions_xyz
+    (lower_x, fraction_x, inside_x), (lower_y, fraction_y, inside_y) = x_axis, y_axis
+    lower_z, fraction_z, inside_z = z_axis
+    # cell (i, j, k) spans crop voxels i..i+1, j..j+1, k..k+1 (clamped at the last voxel)
+    upper = [np.minimum(np.arange(n) + 1, n - 1) for n in crop_labels.shape]
+    corner = crop_labels
+    uniform = np.ones(crop_labels.shape, bool)
+    for dz, dy, dx in np.ndindex(2, 2, 2):
+        if dz or dy or dx:
+            other = crop_labels[np.ix_(upper[0] if dz else np.arange(crop_labels.shape[0]),
+                                       upper[1] if dy else np.arange(crop_labels.shape[1]),
+                                       upper[2] if dx else np.arange(crop_labels.shape[2]))]
+            uniform &= other == corner
+    labels = np.zeros((len(lower_z), len(lower_y), len(lower_x)), np.uint8)
+    if not (inside_x.any() and inside_y.any()):
+        return labels
+    # the inside of an axis is one interval of output voxels
+    rows, columns = np.flatnonzero(inside_y), np.flatnonzero(inside_x)
+    rows_slice, columns_slice = slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1)
+    cell_y, cell_x = lower_y[rows], lower_x[columns]
+    weight_y, weight_x = fraction_y[rows][:, None], fraction_x[columns]
+    upper_y, upper_x = upper[1][cell_y], upper[2][cell_x]
+    for z in np.flatnonzero(inside_z):
+        cz = lower_z[z]
+        slice_labels = crop_labels[cz][cell_y][:, cell_x]
+        mixed_y, mixed_x = np.nonzero(~uniform[cz][cell_y][:, cell_x])
+        if mixed_y.size:
+            plane = ((1 - fraction_z[z]) * probabilities[cz].astype(np.float64)
+                     + fraction_z[z] * probabilities[upper[0][cz]])  # (y, x, classes)
+            y0, y1, x0, x1 = cell_y[mixed_y], upper_y[mixed_y], cell_x[mixed_x], upper_x[mixed_x]
+            wy, wx = weight_y[mixed_y], weight_x[mixed_x][:, None]
+            values = ((1 - wy) * ((1 - wx) * plane[y0, x0] + wx * plane[y0, x1])
+                      + wy * ((1 - wx) * plane[y1, x0] + wx * plane[y1, x1]))
+            slice_labels[mixed_y, mixed_x] = np.argmax(values, axis=-1)
+        labels[z, rows_slice, columns_slice] = slice_labels
+    return labels
 
 
 def paste(roi_labels, roi, image_size):
