@@ -7,7 +7,6 @@ original orientation) with a known structure in place of the networks' outputs, 
 full predictions through the real Predictor.
 """
 
-import math
 import os
 
 import numpy as np
@@ -26,6 +25,7 @@ from app.segmentation import MAX_CROP_SIZE, labels_on_roi, paste, segmentation_g
 from evaluation.metrics import organ_dice
 from evaluation.roi_coverage import roi_coverage
 from synthetic import CaseGeometry, generate_case
+from tests.test_predictor import rotation
 from tests.conftest import ROOT
 
 UPSTREAM = ROOT.parent / "shared" / "upstream" / "efficientscn"
@@ -41,15 +41,6 @@ def predictor():
 # ---------------------------------------------------------------------------------------------
 # Random geometries
 # ---------------------------------------------------------------------------------------------
-
-
-def rotation(axis, degrees):
-    """Rotation matrix about ``axis`` by ``degrees`` (Rodrigues)."""
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    angle = math.radians(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) * math.cos(angle) + math.sin(angle) * k + (1 - math.cos(angle)) * np.outer(
-        axis, axis)
 
 
 @st.composite
