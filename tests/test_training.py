@@ -59,6 +59,31 @@ def test_every_augmentation_keeps_labels_on_their_structures(phantom):
     assert image.min() >= -1 and image.max() <= 1
 
 
+def test_slab_samples_keep_only_a_slab_of_rows_and_coarsen_the_spacing(phantom):
+    none = augment.AugmentationRanges.none()
+    padding = np.float32(method.PADDING_HU / method.INTENSITY_DIVISOR_HU)
+    thin = replace(none, slab_probability=1.0, slab_thickness_mm=(20.0, 20.0),
+                   slab_spacing_mm=(2.5, 2.5))
+    rng = np.random.default_rng(11)
+    for _ in range(6):
+        image, labels = augment.segmentation_sample(phantom, rng, (32, 32, 32), thin,
+                                                    organ_centred=1.0)
+        rows = np.flatnonzero((image != padding).any(axis=(1, 2)))
+        assert 1 <= len(rows) <= 8 and np.all(np.diff(rows) == 1)
+        outside = np.ones(32, bool)
+        outside[rows] = False
+        assert not labels[outside].any()
+    # the same pancreas seen at 3 mm covers (2/3)^3 of the voxels it covers at 2 mm
+    whole = replace(none, slab_probability=1.0, slab_thickness_mm=(1e4, 1e4),
+                    slab_spacing_mm=(3.0, 3.0))
+    counts = {}
+    for name, ranges in {"2 mm": none, "3 mm": whole}.items():
+        _, labels = augment.segmentation_sample(phantom, np.random.default_rng(0), (96, 96, 96),
+                                                ranges, organ_centred=1.0)
+        counts[name] = int((labels == 4).sum())
+    assert counts["3 mm"] / counts["2 mm"] == pytest.approx((2 / 3) ** 3, rel=0.1)
+
+
 def test_localization_sample_marks_organs_as_foreground(phantom):
     rng = np.random.default_rng(4)
     ranges = augment.AugmentationRanges(intensity_shift=0.0, intensity_scale=0.0)

@@ -28,10 +28,18 @@ class AugmentationRanges:
     elastic_control_points: int = 8
     intensity_shift: float = 0.2
     intensity_scale: float = 0.2
+    # Ours, not the method's: partial-field-of-view slabs (SCN only). Inference keeps the whole z
+    # extent of a slab thinner than 200 mm and the body box across, which coarsens the crop
+    # spacing to about 3 mm and pads the crop above and below the slab; these samples show that.
+    slab_probability: float = 0.2
+    slab_thickness_mm: tuple = (20.0, 160.0)
+    slab_spacing_mm: tuple = (method.SEGMENTATION_SPACING_MM, 3.4)
 
     @classmethod
     def none(cls):
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 8, 0.0, 0.0)
+        return cls(translation_mm=0.0, rotation_rad=0.0, scale=0.0, axis_scale=0.0,
+                   elastic_mm=0.0, intensity_shift=0.0, intensity_scale=0.0,
+                   slab_probability=0.0)
 
 
 def rotation_matrix(angles_rad):
@@ -100,25 +108,50 @@ def localization_sample(case, rng, ranges=AugmentationRanges(), max_size_zyx=Non
     return image, (labels > 0).astype(np.uint8)
 
 
+# Organ-centred crops pick the pancreas, the smallest and hardest organ, twice as often.
+ORGAN_CENTRE_WEIGHTS = {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0}
+
+
 def segmentation_sample(case, rng, crop_size_zyx, ranges=AugmentationRanges(),
                         organ_centred=0.5):
     """(image (z, y, x) float32 scaled, labels (z, y, x) uint8) on a 2 mm crop.
 
     The crop centre lies in the training ROI (ground-truth box + 32 mm); with probability
     ``organ_centred`` it is a voxel of a randomly chosen organ instead, so small organs are seen
-    often.
+    often. With probability ``ranges.slab_probability`` the sample imitates a partial field of
+    view: a coarser spacing, and only a z-slab of the crop holds image, the rest is padding
+    with background labels.
     """
     parent = Grid.of(case.segmentation_image)
     low, high = case.roi_low_mm, case.roi_high_mm
     centre = rng.uniform(low, high)
     if rng.uniform() < organ_centred:
         labels = sitk.GetArrayViewFromImage(case.segmentation_labels)
-        organ = rng.choice(np.unique(labels[labels > 0]))
+        present = np.unique(labels[labels > 0])
+        weights = np.array([ORGAN_CENTRE_WEIGHTS.get(int(o), 1.0) for o in present])
+        organ = rng.choice(present, p=weights / weights.sum())
         voxels = np.argwhere(labels == organ)
         z, y, x = voxels[rng.integers(len(voxels))]
         centre = np.array([x, y, z]) * np.asarray(parent.spacing_mm)
+    slab = rng.uniform() < ranges.slab_probability
+    spacing = rng.uniform(*ranges.slab_spacing_mm) if slab else method.SEGMENTATION_SPACING_MM
     size_xyz = tuple(reversed(crop_size_zyx))
-    grid = centred_grid(parent, centre, size_xyz, method.SEGMENTATION_SPACING_MM)
+    grid = centred_grid(parent, centre, size_xyz, spacing)
     transform = random_transform(rng, grid, grid.axis_mm_to_physical(image_centre_axis_mm(grid)),
                                  ranges)
-    return resample_pair(case.segmentation_image, case.segmentation_labels, grid, transform, rng, ranges)
+    image, labels = resample_pair(case.segmentation_image, case.segmentation_labels, grid,
+                                  transform, rng, ranges)
+    if slab:
+        first, last = slab_rows(rng, crop_size_zyx[0], spacing, ranges.slab_thickness_mm)
+        padding = scale_intensity(np.float32(method.PADDING_HU))
+        image[:first], image[last:] = padding, padding
+        labels[:first], labels[last:] = 0, 0
+    return image, labels
+
+
+def slab_rows(rng, rows, spacing_mm, thickness_mm):
+    """[first, last) rows of a random slab of ``thickness_mm`` (at least one row) lying in the
+    crop's ``rows`` rows; it may run off either end of the crop, as a slab's image does."""
+    thickness = int(np.clip(round(rng.uniform(*thickness_mm) / spacing_mm), 1, rows))
+    first = int(rng.integers(-thickness // 2, rows - thickness // 2))
+    return max(first, 0), min(first + thickness, rows)
