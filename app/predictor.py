@@ -1,6 +1,9 @@
 """The whole method as one straight line: read -> canonical -> localize -> crop -> segment ->
-paste -> original orientation. ``Predictor`` builds both networks and loads their weights once,
-then segments any number of images.
+paste -> original orientation. ``Predictor`` loads both networks once, then segments any number
+of images.
+
+TensorFlow is imported by the ``Predictor``'s loading thread, not by this module: a process
+that segments one case reads and prepares its image while TensorFlow starts.
 """
 
 import json
@@ -9,15 +12,12 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import keras
 import numpy as np
 import SimpleITK as sitk
-import tensorflow as tf
 
-from app import method
+from app import graphs, method
 from app.geometry import Grid, from_canonical, to_canonical
 from app.localization import localization_grid, roi_from_foreground
-from app.networks import build_localization_net, build_scn
 from app.preprocessing import network_input
 from app.segmentation import labels_on_roi, paste, segmentation_grid
 
@@ -122,9 +122,16 @@ def default_precision():
     as fast in bfloat16 and its labels agree with float32 on more than 99.9% of the voxels.
     On GPUs float32 stays the default until a float16 path is measured.
     """
+    import tensorflow as tf
+
     if tf.config.list_physical_devices("GPU"):
         return "float32"
     return "bfloat16" if cpu_has_bfloat16() else "float32"
+
+
+def check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def build_networks(precision):
@@ -133,8 +140,11 @@ def build_networks(precision):
     Keras takes the dtype policy from a global setting at layer creation; it is set for the
     build only and restored afterwards.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    import keras
+
+    from app.networks import build_localization_net, build_scn
+
+    check_precision(precision)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISIONS[precision])
     try:
@@ -152,80 +162,124 @@ class Predictor:
     """Both networks with their weights, loaded once; ``predict`` segments one CT image.
 
     ``precision``: "float32" or "bfloat16" for the networks (default ``default_precision()``).
-    ``plain=True`` takes the step-by-step reference way through preprocessing and resampling
-    back (SimpleITK filters on full-resolution intermediates) instead of the separable fast
-    path; the fast path's labels are tested against it.
+    The networks run as plain TensorFlow graphs over the weight arrays (app/graphs.py).
+    ``plain=True`` is the reference way instead: the Keras models, and step-by-step
+    preprocessing and resampling back (SimpleITK filters on full-resolution intermediates);
+    the fast path's labels are tested against it.
 
-    ``warm_up=True``: trace both networks' graphs and run them once on the smallest valid input
-    in a background thread, started here. Tracing is Python work of seconds; done while the
-    caller reads and prepares its first image (work that leaves the interpreter free) and, for
-    the SCN, while the localization network runs, it costs a single-case run less. Each
-    network's first call waits for its warm-up; ``predict`` reports the waits as
-    ``localization_warm_up`` and ``segmentation_warm_up`` seconds.
+    The constructor reads and checks both weights files (a bad file raises ``ValueError`` here)
+    and returns; a background thread imports TensorFlow, builds one graph per network for all
+    input sizes and, with ``warm_up=True``, runs each once on its smallest valid input, the
+    localization network first. That is seconds of mostly Python work, done while the caller
+    reads and prepares its first image. Each network's first call waits for it; ``predict``
+    reports the waits as ``localization_warm_up`` and ``segmentation_warm_up`` seconds.
+    ``warm_up=False`` loads in the constructor and runs nothing.
     """
 
     def __init__(self, weights_dir=DEFAULT_WEIGHTS_DIR, precision=None, plain=False,
                  warm_up=True):
         weights_dir = Path(weights_dir)
-        for gpu in tf.config.list_physical_devices("GPU"):
-            # allocate GPU memory as needed, not all of it up front (organisers sample it)
-            tf.config.experimental.set_memory_growth(gpu, True)
-        for name in (LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS):
-            if not (weights_dir / name).is_file():
-                raise FileNotFoundError(f"{weights_dir / name}: weights file missing")
+        self.weights_dir = weights_dir
+        paths = {"localization": weights_dir / LOCALIZATION_WEIGHTS,
+                 "segmentation": weights_dir / SEGMENTATION_WEIGHTS}
+        for path in paths.values():
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: weights file missing")
+        if precision is not None:
+            check_precision(precision)
         self.provenance = read_provenance(weights_dir)
         self.settings = read_settings(weights_dir)
-        self.precision = precision or default_precision()
         self.plain = plain
-        self.localization_net, self.scn = build_networks(self.precision)
-        self.localization_net.load_weights(weights_dir / LOCALIZATION_WEIGHTS)
-        self.scn.load_weights(weights_dir / SEGMENTATION_WEIGHTS)
-        volume = tf.TensorSpec([1, None, None, None, 1], tf.float32)
-        # One graph each for all input sizes (the valid sizes are the buckets): tracing per size
-        # would cost seconds per case; a new size costs only its kernels' set-up (measured).
-        self._localize = tf.function(
-            lambda x: tf.argmax(self.localization_net(x, training=False), axis=-1) == 1,
-            input_signature=[volume])
-        self._segment = tf.function(
-            lambda x: self.scn(x, training=False)["probabilities"], input_signature=[volume])
-        # per network: set once it is traced and has run once (at once without a warm-up)
+        self._requested_precision = precision
+        self._precision = None
+        self._values = {network: graphs.read_weights(path, network)
+                        for network, path in paths.items()}
+        self._networks = {}
+        # per network: set once its graph exists (and, with a warm-up, has run once)
         self._ready = {"localization": threading.Event(), "segmentation": threading.Event()}
-        self._warm_up_errors = {}
+        self._load_error = None  # loading failed: every call raises it
+        self._warm_up_errors = {}  # a warm-up run failed: that network's next call raises it
         if warm_up:
             # not a daemon: the interpreter waits for it at exit rather than tearing TensorFlow
             # down under a running trace
-            threading.Thread(target=self._warm_up, name="predictor-warm-up").start()
+            threading.Thread(target=self._load, args=(True,), name="predictor-load").start()
         else:
+            self._load(False)
+            if self._load_error is not None:
+                raise self._load_error
+
+    @property
+    def precision(self):
+        """The networks' precision (waits for the loading thread to decide it)."""
+        self._ready["localization"].wait()
+        if self._load_error is not None:
+            raise self._load_error
+        return self._precision
+
+    def _load(self, warm_up):
+        """Import TensorFlow, make both networks' graphs, warm each up (loading thread)."""
+        try:
+            import tensorflow as tf
+
+            for gpu in tf.config.list_physical_devices("GPU"):
+                # allocate GPU memory as needed, not all of it up front (organisers sample it)
+                tf.config.experimental.set_memory_growth(gpu, True)
+            self._precision = self._requested_precision or default_precision()
+            volume = tf.TensorSpec([1, None, None, None, 1], tf.float32)
+            # One graph each for all input sizes (the valid sizes are the buckets): tracing per
+            # size would cost a second per case; a new size costs only its kernels' set-up.
+            if self.plain:
+                localization_net, scn = build_networks(self._precision)
+                localization_net.load_weights(self.weights_dir / LOCALIZATION_WEIGHTS)
+                scn.load_weights(self.weights_dir / SEGMENTATION_WEIGHTS)
+                localization = lambda x: localization_net(x, training=False)  # noqa: E731
+                segmentation = lambda x: scn(x, training=False)["probabilities"]  # noqa: E731
+            else:
+                dtype = {"float32": tf.float32, "bfloat16": tf.bfloat16}[self._precision]
+                localization_weights = graphs.Weights(self._values["localization"], dtype)
+                segmentation_weights = graphs.Weights(self._values["segmentation"], dtype)
+                localization = lambda x: graphs.localization_logits(  # noqa: E731
+                    x, localization_weights)
+                segmentation = lambda x: graphs.scn_probabilities(  # noqa: E731
+                    x, segmentation_weights)
+            self._values = None  # the tensors (or Keras variables) hold the weights now
+            self._networks["localization"] = tf.function(
+                lambda x: tf.argmax(localization(x), axis=-1) == 1, input_signature=[volume],
+                autograph=False)
+            self._networks["segmentation"] = tf.function(
+                segmentation, input_signature=[volume], autograph=False)
+        except Exception as error:  # noqa: BLE001 - raised by every network call
+            self._load_error = error
             for event in self._ready.values():
                 event.set()
-
-    def _warm_up(self):
-        """Trace and run each network once on its smallest valid input (background thread).
-
-        The localization network comes first, so that it can run while the SCN is traced.
-        """
+            return
         smallest = {
-            "localization": (self._localize, (min(method.LOCALIZATION_VALID_SIZES_Z),
-                                              min(method.LOCALIZATION_VALID_SIZES_XY),
-                                              min(method.LOCALIZATION_VALID_SIZES_XY))),
-            "segmentation": (self._segment, (min(method.SEGMENTATION_VALID_SIZES_Z),
-                                             min(method.SEGMENTATION_VALID_SIZES_Y),
-                                             min(method.SEGMENTATION_VALID_SIZES_X))),
+            "localization": (min(method.LOCALIZATION_VALID_SIZES_Z),
+                             min(method.LOCALIZATION_VALID_SIZES_XY),
+                             min(method.LOCALIZATION_VALID_SIZES_XY)),
+            "segmentation": (min(method.SEGMENTATION_VALID_SIZES_Z),
+                             min(method.SEGMENTATION_VALID_SIZES_Y),
+                             min(method.SEGMENTATION_VALID_SIZES_X)),
         }
-        for name, (network, shape_zyx) in smallest.items():
+        for name, shape_zyx in smallest.items():
             try:
-                network(np.zeros((1, *shape_zyx, 1), np.float32)).numpy()
+                if warm_up:
+                    self._networks[name](np.zeros((1, *shape_zyx, 1), np.float32)).numpy()
             except Exception as error:  # noqa: BLE001 - raised by that network's first call
                 self._warm_up_errors[name] = error
             finally:
                 self._ready[name].set()
 
-    def _network_ready(self, name):
-        """Wait until network ``name`` is warmed up; raise its warm-up's error, if any, once."""
+    def _network(self, name):
+        """Network ``name``'s graph, once loaded (and warmed up); raises a loading error every
+        time and a warm-up error once."""
         self._ready[name].wait()
+        if self._load_error is not None:
+            raise self._load_error
         error = self._warm_up_errors.pop(name, None)
         if error is not None:
             raise error
+        return self._networks[name]
 
     def localization_input(self, canonical, loc_grid):
         """The localization network's input (z, y, x) float32, preprocessed as the weights need."""
@@ -235,8 +289,7 @@ class Predictor:
 
     def roi(self, loc_input, loc_grid, image_grid):
         """Stage 1 on a prepared input: the ROI (``Roi``, canonical image voxels)."""
-        self._network_ready("localization")
-        foreground = self._localize(loc_input[None, ..., None]).numpy()[0]
+        foreground = self._network("localization")(loc_input[None, ..., None]).numpy()[0]
         return roi_from_foreground(foreground, loc_grid, image_grid, network_input=loc_input)
 
     def localize(self, canonical):
@@ -263,7 +316,7 @@ class Predictor:
         loc_grid = localization_grid(grid)
         loc_input = self.localization_input(canonical, loc_grid)
         lap("localization_preprocessing")
-        self._network_ready("localization")  # the constructor's warm-up; 0 s once it is done
+        self._ready["localization"].wait()  # the loading thread; 0 s once it is done
         lap("localization_warm_up")
         roi = self.roi(loc_input, loc_grid, grid)
         lap("localization_network")
@@ -272,9 +325,9 @@ class Predictor:
         crop = network_input(canonical, crop_grid, self.settings.segmentation_sigma_mm,
                              self.settings.crop_padding_hu, plain=self.plain)
         lap("segmentation_preprocessing")
-        self._network_ready("segmentation")
+        segment = self._network("segmentation")
         lap("segmentation_warm_up")
-        probabilities = self._segment(crop[None, ..., None]).numpy()[0]
+        probabilities = segment(crop[None, ..., None]).numpy()[0]
         lap("segmentation_network")
 
         roi_labels = labels_on_roi(probabilities, crop_grid, roi.grid(grid), plain=self.plain)

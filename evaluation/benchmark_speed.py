@@ -21,10 +21,12 @@ organisers' protocol: start-up and model loading are paid per case); ``folder`` 
 in one process per variant, reading the next image while the current one is segmented, as the
 command line does. Each process records, per stage, the seconds and the peak resident memory
 (RSS sampled every 5 ms in the stage's time window; ``ru_maxrss`` for the whole process):
-start and imports (from the process's creation to TensorFlow and the app imported), model build
-and weight load, read, orientation, localization preprocessing, waiting for the localization
-network's warm-up (graph tracing, which ``Predictor`` starts in the background), localization
-network, segmentation preprocessing, waiting for the SCN's warm-up, SCN, resampling back, write. Reading and writing are SimpleITK's
+start and imports (from the process's creation to the app imported; TensorFlow is not imported
+yet), model load (``Predictor()``: reading and checking the weights files; it starts the loading
+thread and returns), read, orientation, localization preprocessing, waiting for the loading
+thread (TensorFlow import, graphs, warm-up run of the localization network), localization
+network, segmentation preprocessing, waiting for the SCN's graph and warm-up, SCN, resampling
+back, write. Reading and writing are SimpleITK's
 own (``write`` at SimpleITK's default gzip level; ``write_level_1`` is the same file at level 1,
 for comparison, outside the stages but inside the process's wall time); ``predict.sh`` rows (``--no-predict-sh`` leaves them out) run the shipped
 command line itself, with its input checks, and give its wall time and peak RSS.
@@ -130,8 +132,9 @@ def child(variant, images, output_dir, result_path):
     created = psutil.Process().create_time()
     sampler = RssSampler().start()
     import SimpleITK as sitk
-    import tensorflow  # noqa: F401 - part of what a fresh process pays before its first case
 
+    # TensorFlow is not imported here: the Predictor's loading thread imports it while the first
+    # image is read and prepared, and what that costs the case shows as the warm-up waits.
     from app.predictor import Predictor
 
     windows = {"start_and_imports": (created, time.time())}

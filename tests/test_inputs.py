@@ -16,7 +16,8 @@ import SimpleITK as sitk
 import tensorflow as tf
 
 from app import io as image_io
-from app.cli import is_out_of_memory, main
+from app import method
+from app.cli import is_out_of_memory, main, organ_volumes_ml
 from app.io import Case, InputError, find_cases, read_case, write_labels
 from app.predictor import Predictor
 from evaluation.metrics import dice
@@ -558,3 +559,17 @@ def test_out_of_memory_errors_are_recognised_in_their_forms():
     assert is_out_of_memory(tf.errors.UnknownError(None, None, "CUDNN_STATUS_ALLOC_FAILED"))
     assert not is_out_of_memory(tf.errors.InvalidArgumentError(None, None, "bad shape"))
     assert not is_out_of_memory(ValueError("out of memory"))  # not TensorFlow's
+
+
+def test_organ_volumes_are_counted_across_slice_blocks():
+    labels = np.zeros((37, 5, 4), np.uint8)  # 37 slices: blocks of 16, 16 and 5
+    labels[0:20, :, :2] = 1
+    labels[15:17, 1, 1:3] = 2  # straddles the first block boundary
+    labels[36, 4, 3] = 4
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((0.5, 2.0, 10.0))  # 10 mm^3 = 0.01 mL per voxel
+    volumes = organ_volumes_ml(image, slices_per_block=16)
+    expected = {organ: round(float((labels == label).sum()) * 0.01, 2)
+                for label, organ in method.LABELS.items()}
+    assert volumes == expected
+    assert volumes["liver"] > 0 and volumes["pancreas"] == 0.01

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from app import method
+from app import method, networks
 from app.networks import FixedUpsampling, UncertaintyCombination, build_localization_net, build_scn
 
 
@@ -39,6 +39,18 @@ def test_linear_2x_upsampling_equals_half_pixel_bilinear_resize():
         resized = tf.image.resize(flat, (2 * n, p * q), method="bilinear").numpy()
         expected = np.moveaxis(resized.reshape(b, 2 * n, p, q, c), 1, axis)
     np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_linear_upsampling_by_resizing_equals_the_tent_kernel_taps(factor):
+    x = np.random.default_rng(factor).normal(size=(2, 5, 6, 7, 3)).astype(np.float32)
+    taps = x
+    for axis in (1, 2, 3):  # the per-phase weighted neighbour sums, as for the cubic kernel
+        taps = networks._upsample_axis(taps, axis, factor,
+                                       networks.upsampling_weights(factor, "linear"))
+    ours = networks.fixed_upsampling(x, factor, "linear").numpy()
+    assert ours.shape == (2, 5 * factor, 6 * factor, 7 * factor, 3)
+    np.testing.assert_allclose(ours, taps.numpy(), atol=1e-5)
 
 
 def test_cubic_4x_upsampling_equals_bicubic_resize_inside():
