@@ -283,21 +283,19 @@ def nifti_expected_bytes(header):
     return None
 
 
-def check_nifti_complete(path, compressed, chunk_bytes=1 << 24):
+def check_nifti_complete(path, compressed):
     """Raise InputError if a NIfTI file (gzip stream included) is shorter than its header says.
 
-    A .nii.gz is decompressed once (in the CLI's reader thread, overlapping the previous case),
-    which also proves the gzip stream whole.
+    A .nii.gz is inflated once (in the CLI's reader thread, overlapping the previous case or
+    TensorFlow's start), which also proves the gzip stream whole: zlib checks each member's
+    CRC-32 and length. ITK itself reads a truncated or corrupt stream without complaint.
     """
     if compressed:
-        try:
-            with gzip.open(path, "rb") as stream:
-                header = stream.read(540)
-                total = len(header)
-                while chunk := stream.read(chunk_bytes):
-                    total += len(chunk)
-        except (OSError, EOFError, zlib.error) as error:
-            raise InputError(f"{path}: truncated or corrupt gzip data ({error})") from None
+        inflated = inflated_bytes(path, 0, gzip_wrapper=True, keep=540)
+        if inflated is None:
+            raise InputError(f"{path}: truncated or corrupt gzip data (the stream ends early or "
+                             "fails its checksum)")
+        total, header = inflated
     else:
         with open(path, "rb") as stream:
             header = stream.read(540)
@@ -354,9 +352,10 @@ def check_metaimage_complete(path):
             raise InputError(f"{path}: its data file {data_path.name} is missing")
     expected = voxels * channels * element_bytes
     if fields.get("CompressedData", "False").lower() == "true":
-        available = inflated_bytes(data_path, offset)
-        if available is None:
+        inflated = inflated_bytes(data_path, offset)
+        if inflated is None:
             raise InputError(f"{path}: truncated or corrupt compressed data in {data_path.name}")
+        available = inflated[0]
     else:
         available = os.path.getsize(data_path) - offset
     if available < expected:
@@ -364,20 +363,41 @@ def check_metaimage_complete(path):
                          f"{data_path.name} holds {max(available, 0)}")
 
 
-def inflated_bytes(path, offset, chunk_bytes=1 << 24):
-    """Length of the zlib stream at ``offset`` in ``path`` once inflated; None if incomplete."""
-    inflater = zlib.decompressobj()
-    total = 0
+def inflated_bytes(path, offset, gzip_wrapper=False, keep=0, chunk_bytes=1 << 22,
+                   output_bytes=1 << 26):
+    """(length, first ``keep`` bytes) of the zlib stream at ``offset`` in ``path`` once
+    inflated (``gzip_wrapper``: a gzip file, every member); None if incomplete or corrupt.
+
+    zlib inflates large blocks with the GIL released, so this runs beside Python work in
+    other threads (``gzip.open`` hands the GIL back and forth every few KiB, and took 3 s
+    instead of 0.7 s for a 512x512x300 CT while TensorFlow was imported). At most
+    ``output_bytes`` are inflated at a time, whatever the compression ratio.
+    """
+    wbits = 16 + zlib.MAX_WBITS if gzip_wrapper else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    total, head = 0, b""
     try:
         with open(path, "rb") as stream:
             stream.seek(offset)
-            while chunk := stream.read(chunk_bytes):
-                total += len(inflater.decompress(chunk))
+            pending = b""
+            while True:
+                if not pending:
+                    pending = stream.read(chunk_bytes)
+                    if not pending:
+                        return None  # the file ends inside the stream
+                inflated = inflater.decompress(pending, output_bytes)
+                pending = inflater.unconsumed_tail
+                total += len(inflated)
+                if len(head) < keep:
+                    head += inflated[:keep - len(head)]
                 if inflater.eof:
-                    break
+                    rest = inflater.unused_data + stream.read(2)
+                    if not gzip_wrapper or not rest.startswith(b"\x1f\x8b"):
+                        return total, head  # the end (gzip ignores trailing bytes too)
+                    inflater = zlib.decompressobj(wbits)  # the next gzip member
+                    pending = rest
     except zlib.error:
         return None
-    return total if inflater.eof else None
 
 
 # --- DICOM -------------------------------------------------------------------------------------

@@ -236,6 +236,29 @@ def test_a_nifti_whose_gzip_stream_is_whole_but_data_short_is_refused(tmp_path):
         read_case(case_of(short))
 
 
+def test_a_nifti_gzip_stream_corrupt_in_the_middle_is_refused(tmp_path):
+    path = write(ct_like(size_xyz=(40, 30, 20)), tmp_path / "ct.nii.gz")
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 16):  # ITK would read this without a word
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="ct.nii.gz: truncated or corrupt gzip data"):
+        read_case(case_of(path))
+
+
+def test_a_nifti_in_several_gzip_members_or_very_compressible_is_read(tmp_path):
+    raw = write(ct_like(size_xyz=(40, 30, 20)), tmp_path / "ct.nii").read_bytes()
+    members = tmp_path / "members.nii.gz"  # as bgzip and concatenated gzip files are
+    members.write_bytes(b"".join(gzip.compress(raw[i:i + 5000]) for i in range(0, len(raw), 5000)))
+    image, _ = read_case(case_of(members))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ct.nii"))))
+    flat = sitk.Image(200, 200, 120, sitk.sitkInt16)  # 9.6 MB of zeros: ratio about 1000
+    flat = write(flat, tmp_path / "flat.nii.gz")
+    assert image_io.inflated_bytes(flat, 0, gzip_wrapper=True, output_bytes=1 << 20)[0] == (
+        352 + 200 * 200 * 120 * 2)
+
+
 def test_a_missing_mhd_data_file_is_refused(tmp_path):
     path = write(ct_like(), tmp_path / "ct.mhd")
     path.with_suffix(".raw").unlink()
