@@ -445,7 +445,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.child:
         child(args.child, args.images, args.output_dir, args.result)
-        return 0
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # as ``python -m app`` leaves: without TensorFlow's teardown
 
     work = args.work or Path(tempfile.mkdtemp(prefix="benchmark-speed-"))
     work.mkdir(parents=True, exist_ok=True)
