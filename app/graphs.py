@@ -47,15 +47,16 @@ def read_weights(path, network):
             found = []
             h5.visititems(lambda name, item: found.append(name)
                           if isinstance(item, h5py.Dataset) else None)
-            unexpected = sorted(set(found) - set(layout))
+            problems = []
             missing = sorted(set(layout) - set(found))
-            if unexpected or missing:
-                raise WeightsError(
-                    f"{path}: not the {network} network's weights ("
-                    + "; ".join(part for part in (
-                        f"{len(missing)} variables missing, e.g. {missing[0]}" if missing else "",
-                        f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected
-                        else "") if part) + ")")
+            if missing:
+                problems.append(f"{len(missing)} variables missing, e.g. {missing[0]}")
+            unexpected = sorted(set(found) - set(layout))
+            if unexpected:
+                problems.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+            if problems:
+                raise WeightsError(f"{path}: not the {network} network's weights "
+                                   f"({'; '.join(problems)})")
             for place, (variable, shape) in layout.items():
                 array = np.asarray(h5[place], dtype=np.float32)
                 if list(array.shape) != shape:
