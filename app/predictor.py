@@ -253,6 +253,10 @@ class Predictor:
             for event in self._ready.values():
                 event.set()
             return
+        if not warm_up:
+            for event in self._ready.values():
+                event.set()
+            return
         smallest = {
             "localization": (min(method.LOCALIZATION_VALID_SIZES_Z),
                              min(method.LOCALIZATION_VALID_SIZES_XY),
@@ -263,8 +267,7 @@ class Predictor:
         }
         for name, shape_zyx in smallest.items():
             try:
-                if warm_up:
-                    self._networks[name](np.zeros((1, *shape_zyx, 1), np.float32)).numpy()
+                self._networks[name](np.zeros((1, *shape_zyx, 1), np.float32)).numpy()
             except Exception as error:  # noqa: BLE001 - raised by that network's first call
                 self._warm_up_errors[name] = error
             finally:

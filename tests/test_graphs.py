@@ -7,6 +7,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import tensorflow as tf
 
 from app import graphs
@@ -97,3 +98,15 @@ def test_bad_weights_stop_the_command_before_any_case(tmp_path, capsys):
     (inputs / "case_0000.nii.gz").write_bytes(b"")
     assert main([str(inputs), str(tmp_path / "out"), "--weights", str(weights), "--quiet"]) == 2
     assert "not the segmentation network's weights" in capsys.readouterr().err
+
+
+def test_loading_without_warm_up_gives_the_same_labels():
+    from synthetic import generate_case
+
+    image, _ = generate_case(3, in_plane_size=64)
+    eager = Predictor(warm_up=False)  # loads in the constructor, runs nothing before predict
+    assert eager._ready["segmentation"].is_set()
+    labels = sitk.GetArrayFromImage(eager.predict(image).labels)
+    reference = sitk.GetArrayFromImage(Predictor().predict(image).labels)
+    assert labels.any()
+    np.testing.assert_array_equal(labels, reference)
