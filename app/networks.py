@@ -170,13 +170,21 @@ def unet(x, levels, filters, name):
         x = contracting[level](x)
         if level < levels - 1:
             skips.append(x)
-            x = keras.layers.AveragePooling3D(2, name=f"{name}_down_{level}")(x)
+            x = average_pooling(2, f"{name}_down_{level}")(x)
     x = expanding[levels - 1](x)
     for level in reversed(range(levels - 1)):
         x = FixedUpsampling(2, "linear", name=f"{name}_up_{level}")(x)
         x = keras.layers.Concatenate(name=f"{name}_concat_{level}")([skips[level], x])
         x = expanding[level](x)
     return x
+
+
+def average_pooling(size, name):
+    """3-D average pooling; in float32 under a float16 policy (TensorFlow's CPU kernels have no
+    float16 AvgPool3D, and a float32 sum of the window is more exact), else in the policy's type."""
+    policy = keras.mixed_precision.dtype_policy()
+    dtype = "float32" if policy.compute_dtype == "float16" else None
+    return keras.layers.AveragePooling3D(size, name=name, dtype=dtype)
 
 
 def output_conv(channels, name):
@@ -279,8 +287,8 @@ def build_scn():
 
     pool = method.SPATIAL_DOWNSAMPLING
     organs = keras.layers.Lambda(lambda t: tf.stop_gradient(t[..., 1:]), name="organ_maps")(local)
-    organs_low = keras.layers.AveragePooling3D(pool, name="organs_down")(organs)
-    image_low = keras.layers.AveragePooling3D(pool, name="image_down")(image)
+    organs_low = average_pooling(pool, "organs_down")(organs)
+    image_low = average_pooling(pool, "image_down")(image)
     spatial_input = keras.layers.Concatenate(name="spatial_input")([image_low, organs_low])
     spatial_input = SpatialInputNoise(name="spatial_noise")(spatial_input)
 

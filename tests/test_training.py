@@ -133,6 +133,15 @@ def test_tiny_training_run_resumes_and_exports_exactly_the_model_variables(tmp_p
     assert count_h5_values(exported) == method.SCN_PARAMETERS
 
 
+@pytest.fixture
+def precision():
+    """Sets Keras' global dtype policy for a test and puts float32 back afterwards."""
+    from training.train import set_precision
+
+    yield set_precision
+    set_precision("float32")
+
+
 @pytest.mark.parametrize("stage", ["segmentation", "localization"])
 def test_the_training_step_learns_one_sample(phantom, stage):
     """The compiled step (losses, clipping, Adam) fits one fixed sample within 60 steps: the loss
@@ -142,7 +151,7 @@ def test_the_training_step_learns_one_sample(phantom, stage):
     import tensorflow as tf
 
     from app.networks import build_localization_net, build_scn
-    from training.train import make_train_step
+    from training.train import make_optimizer, make_train_step
     from training.validation import dice
 
     keras.utils.set_random_seed(0)
@@ -156,7 +165,7 @@ def test_the_training_step_learns_one_sample(phantom, stage):
         image, labels = augment.localization_sample(phantom, rng, none)
     assert labels.any() and not labels.all()
     model = build_scn() if segmentation else build_localization_net()
-    optimizer = keras.optimizers.Adam(5e-4 if segmentation else 1e-3)
+    optimizer = make_optimizer(5e-4 if segmentation else 1e-3, "float32")
     optimizer.build(model.trainable_variables)
     ema = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
     step = make_train_step(model, optimizer, ema, tf.Variable(0, dtype=tf.int64),
@@ -169,25 +178,98 @@ def test_the_training_step_learns_one_sample(phantom, stage):
         assert dice(predicted == label, labels == label) > 0.8, (label, losses[-5:])
 
 
-def test_sample_stream_is_ordered_and_resumes_at_any_iteration(phantom):
+def small_localization_sample(phantom):
+    """A 16 x 32 x 32 part of the phantom's localization grid with foreground and background
+    (float16 runs on this CPU through slow emulated kernels)."""
+    image, labels = augment.localization_sample(phantom, np.random.default_rng(1),
+                                                augment.AugmentationRanges.none(),
+                                                max_size_zyx=(16, 32, 32))
+    assert labels.any() and not labels.all()
+    return image[None, ..., None], labels[None]
+
+
+def localization_steps(precision_name, image, labels, steps, **scaling):
+    """A fresh localization net (seed 0, no dropout, so that only the precision differs between
+    runs) trained ``steps`` steps on one sample; returns the per-step (loss, norm), the model, its
+    optimizer, the step and the step's state variables."""
+    import keras
+    import tensorflow as tf
+
+    from app.networks import build_localization_net
+    from training.train import make_optimizer, make_train_step, set_precision
+
+    set_precision(precision_name)
+    keras.utils.set_random_seed(0)
+    model = build_localization_net()
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
+    optimizer = (keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(1e-3), **scaling)
+                 if scaling else make_optimizer(1e-3, precision_name))
+    optimizer.build(model.trainable_variables)
+    ema = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
+    iteration, mean_norm = tf.Variable(0, dtype=tf.int64), tf.Variable(0.0)
+    step = make_train_step(model, optimizer, ema, iteration, mean_norm, False, 0.999)
+    history = [tuple(float(v) for v in step(image, labels)) for _ in range(steps)]
+    return history, model, optimizer, step, iteration, mean_norm
+
+
+def test_float16_with_loss_scaling_trains_as_float32_does(phantom, precision):
+    image, labels = small_localization_sample(phantom)
+    float32, *_ = localization_steps("float32", image, labels, 12)
+    float16, _, optimizer, *_ = localization_steps("float16", image, labels, 12)
+    assert float(optimizer.dynamic_scale) == 2.0 ** 15  # the default scale, never overflowed
+    float32, float16 = np.array(float32), np.array(float16)
+    assert float16[-4:, 0].max() < 0.6 * float16[0, 0], float16[:, 0]
+    # the same path while the steps are large (later, lr 1e-3 makes both oscillate, and the
+    # small differences of float16 decide which way)
+    np.testing.assert_allclose(float16[:6, 0], float32[:6, 0], rtol=0.02)
+    # the norm is that of the unscaled gradients (scaled, it would be 2**15 times larger)
+    np.testing.assert_allclose(float16[:6, 1], float32[:6, 1], rtol=0.05)
+
+
+def test_a_float16_overflow_skips_the_step_and_halves_the_loss_scale(phantom, precision):
+    image, labels = small_localization_sample(phantom)
+    # a scale so large that the float16 gradients overflow
+    history, model, optimizer, step, iteration, mean_norm = localization_steps(
+        "float16", image, labels, 0, initial_scale=2.0 ** 40)
+    before = [v.numpy() for v in model.trainable_variables]
+    loss, norm = (float(v) for v in step(image, labels))
+    assert np.isfinite(loss) and not np.isfinite(norm)
+    assert all(np.array_equal(v.numpy(), b) for v, b in zip(model.trainable_variables, before))
+    assert float(optimizer.dynamic_scale) == 2.0 ** 39
+    assert float(mean_norm) == 0.0 and int(iteration) == 1
+    for _ in range(30):  # the scale comes down until the gradients fit, then the weights move
+        loss, norm = (float(v) for v in step(image, labels))
+        if np.isfinite(norm):
+            break
+    assert np.isfinite(norm) and float(mean_norm) > 0
+    assert float(optimizer.dynamic_scale) < 2.0 ** 39
+    assert any(not np.array_equal(v.numpy(), b)
+               for v, b in zip(model.trainable_variables, before))
+
+
+def test_sample_pipeline_is_ordered_and_resumes_at_any_iteration(phantom):
     import time
 
-    from training.train import SampleStream
+    from training.train import sample_dataset
 
     def make_sample(rng):
-        time.sleep(rng.uniform(0, 0.05))  # threads finish out of order
+        time.sleep(rng.uniform(0, 0.05))  # parallel map calls finish out of order
         return augment.segmentation_sample(phantom, rng, (32, 32, 32))
 
     def draw(first, count, workers):
-        stream = SampleStream(make_sample, seed=3, workers=workers, first_index=first, depth=4)
-        try:
-            return [stream.next() for _ in range(count)]
-        finally:
-            stream.close()
+        dataset = sample_dataset(make_sample, seed=3, workers=workers, first_index=first, depth=4)
+        return [(image.numpy(), labels.numpy()) for image, labels in dataset.take(count)]
 
     uninterrupted = draw(0, 5, workers=3)
     resumed = draw(3, 2, workers=2)
+    assert uninterrupted[0][0].shape == (1, 32, 32, 32, 1) and uninterrupted[0][1].shape == (
+        1, 32, 32, 32)
     for (image, labels), (image_resumed, labels_resumed) in zip(uninterrupted[3:], resumed):
         np.testing.assert_array_equal(image, image_resumed)
         np.testing.assert_array_equal(labels, labels_resumed)
     assert not np.array_equal(uninterrupted[3][0], uninterrupted[4][0])
+    expected_image, expected_labels = make_sample(np.random.default_rng([3, 4]))
+    np.testing.assert_array_equal(uninterrupted[4][0][0, ..., 0], expected_image)
+    np.testing.assert_array_equal(uninterrupted[4][1][0], expected_labels)

@@ -5,7 +5,7 @@ throughput of the augmentation pipeline alone (which must outpace the network).
 
 The network step is the real one of training/train.py (loss, clipping, Adam, EMA) on a crop of the
 training size; its content does not change the arithmetic. The pipeline draws augmented samples
-from generated cases with the same threads as training.
+from generated cases through the same tf.data pipeline as training.
 """
 
 import argparse
@@ -15,15 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
+from training.train import PRECISIONS
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", nargs="+", default=["localization", "segmentation"])
-    parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
+                        choices=PRECISIONS, help="float16 (loss scaling) is meant for GPUs")
     parser.add_argument("--crop-size", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"))
     parser.add_argument("--steps", type=int, default=10, help="timed steps after 2 warm-up steps")
     parser.add_argument("--samples", type=int, default=20, help="timed augmented samples per stage")
-    parser.add_argument("--workers", type=int, default=2, help="sampling threads, as in training")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="parallel map calls of the pipeline, as in training")
     parser.add_argument("--cache", type=Path, default=None,
                         help="prepared-case cache to reuse (default: a temporary folder)")
     return parser.parse_args(argv)
@@ -35,13 +39,13 @@ def network_seconds_per_step(stage, precision, crop_size_zyx, steps):
     import tensorflow as tf
 
     from app.networks import build_localization_net, build_scn
-    from training.train import make_train_step
+    from training.train import make_optimizer, make_train_step, set_precision
 
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    set_precision(precision)
     try:
         segmentation = stage == "segmentation"
         model = build_scn() if segmentation else build_localization_net()
-        optimizer = keras.optimizers.Adam(1e-4)
+        optimizer = make_optimizer(1e-4, precision)
         optimizer.build(model.trainable_variables)
         ema = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
         step = make_train_step(model, optimizer, ema, tf.Variable(0, dtype=tf.int64),
@@ -61,9 +65,10 @@ def network_seconds_per_step(stage, precision, crop_size_zyx, steps):
 
 
 def pipeline_samples_per_second(stage, cases, crop_size_zyx, samples, workers):
-    """Augmented samples per second with ``workers`` threads (as training draws them)."""
+    """Augmented samples per second from the training tf.data pipeline with ``workers`` parallel
+    map calls, drawn as fast as it delivers them (no network step in between)."""
     from training import augment
-    from training.train import SampleStream
+    from training.train import sample_dataset
 
     def make_sample(rng):
         case = cases[rng.integers(len(cases))]
@@ -71,15 +76,15 @@ def pipeline_samples_per_second(stage, cases, crop_size_zyx, samples, workers):
             return augment.segmentation_sample(case, rng, crop_size_zyx)
         return augment.localization_sample(case, rng, max_size_zyx=crop_size_zyx)
 
-    stream = SampleStream(make_sample, seed=0, workers=workers, depth=workers)
+    iterator = iter(sample_dataset(make_sample, seed=0, workers=workers, depth=workers))
     try:
-        stream.next()  # threads started and warm
+        next(iterator)  # pipeline started and warm
         start = time.perf_counter()
         for _ in range(samples):
-            stream.next()
+            next(iterator)
         return samples / (time.perf_counter() - start)
     finally:
-        stream.close()
+        del iterator
 
 
 def prepared_cases(cache, count=2):
@@ -105,7 +110,7 @@ def main(argv=None):
                   flush=True)
     with tempfile.TemporaryDirectory() as temporary:
         cases = prepared_cases(args.cache or Path(temporary))
-        print(f"\n| stage | augmented samples / s ({args.workers} threads) |")
+        print(f"\n| stage | augmented samples / s ({args.workers} parallel calls) |")
         print("|---|---|")
         for stage in args.stages:
             rate = pipeline_samples_per_second(stage, cases, args.crop_size, args.samples, args.workers)

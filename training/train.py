@@ -3,13 +3,14 @@
     python -m training.train --stage segmentation --run runs/scn --generated 60 \
         --data ../shared/data --iterations 3000 --export weights
 
-Samples are prepared and augmented in background threads (SimpleITK releases the GIL) while the
-network trains. Each run folder holds a checkpoint (weights, optimizer, EMA, iteration, random
-state), a CSV log and the cache of prepared cases.
+Samples are prepared and augmented by a tf.data pipeline whose parallel map calls run the NumPy /
+SimpleITK augmentation (SimpleITK releases the GIL) while the network trains. With several devices
+(``--devices``, or more than one visible GPU) a tf.distribute.MirroredStrategy runs one sample per
+device and averages the gradients. Each run folder holds a checkpoint (weights, optimizer, EMA,
+iteration, random state), a CSV log and the cache of prepared cases.
 """
 
 import argparse
-import collections
 import csv
 import json
 import time
@@ -19,6 +20,9 @@ from pathlib import Path
 import numpy as np
 
 STAGES = ("localization", "segmentation")
+PRECISIONS = ("float32", "bfloat16", "float16")
+# float16 loss scaling halves the scale on each overflow: 40 in a row means it is not the scale
+MAX_OVERFLOWS_IN_A_ROW = 40
 
 
 def parse_args(argv=None):
@@ -45,9 +49,10 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="Adam learning rate (default: 1e-4 SCN, 1e-5 localization)")
     parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                        help="bfloat16 is faster on CPUs with AVX512-BF16 but gave NaN "
-                             "gradients in the localization net here")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="mixed precision: bfloat16 is faster on CPUs with AVX512-BF16 but "
+                             "gave NaN gradients in the localization net here; float16 (for GPUs) "
+                             "trains with dynamic loss scaling")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
@@ -55,7 +60,12 @@ def parse_args(argv=None):
                         help="start a new run from this weights folder (e.g. the shipped weights)")
     parser.add_argument("--export", type=Path, default=None,
                         help="write the EMA weights into this weights folder at the end")
-    parser.add_argument("--workers", type=int, default=2, help="sampling threads")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="parallel sample preparations in the tf.data pipeline")
+    parser.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                        help="train on these devices with tf.distribute.MirroredStrategy, one "
+                             "sample each per iteration (e.g. /gpu:0 /gpu:1); default: every GPU "
+                             "when there are several, else the one default device")
     return parser.parse_args(argv)
 
 
@@ -103,40 +113,66 @@ def prepare_cases(args):
     return real(training_names), train, real(held_out_names) + validation
 
 
-class SampleStream:
-    """Augmented training samples, prepared ahead by a pool of threads, delivered in order.
+def sample_dataset(make_sample, seed, workers, first_index=0, depth=6):
+    """Augmented training samples as an endless tf.data pipeline, in order, batches of one.
 
-    Sample ``i`` is drawn with its own generator, seeded by (seed, i), so the sequence does not
-    depend on thread timing and a run resumed at iteration ``i`` sees exactly the samples an
-    uninterrupted run would have seen. SimpleITK releases the GIL, so the threads overlap with
-    the network's step.
+    Sample ``i`` is ``make_sample(rng)`` with a generator seeded by (seed, i), so the sequence does
+    not depend on thread timing, and a run resumed at sample ``i`` sees exactly the samples an
+    uninterrupted run would have seen. ``workers`` map calls run at once (deterministic order);
+    ``depth`` batches are prefetched. Elements: image (1, z, y, x, 1) float32, labels (1, z, y, x)
+    uint8; sizes vary for localization samples.
     """
+    import tensorflow as tf
 
-    def __init__(self, make_sample, seed, workers, first_index=0, depth=6):
-        self._make_sample = make_sample
-        self._seed = seed
-        self._pool = ThreadPoolExecutor(max(1, workers))
-        self._next_index = first_index
-        self._pending = collections.deque()
-        for _ in range(max(depth, workers)):
-            self._submit()
+    def make(index):
+        image, labels = make_sample(np.random.default_rng([seed, int(index)]))
+        return image.astype(np.float32, copy=False), labels.astype(np.uint8, copy=False)
 
-    def _submit(self):
-        rng = np.random.default_rng([self._seed, self._next_index])
-        self._pending.append(self._pool.submit(self._make_sample, rng))
-        self._next_index += 1
+    def load(index):
+        image, labels = tf.numpy_function(make, [index], (tf.float32, tf.uint8), stateful=False)
+        image.set_shape([None, None, None])
+        labels.set_shape([None, None, None])
+        return image[..., None], labels
 
-    def next(self):
-        sample = self._pending.popleft().result()
-        self._submit()
-        return sample
+    options = tf.data.Options()
+    options.deterministic = True
+    return (tf.data.Dataset.counter(first_index)
+            .map(load, num_parallel_calls=max(1, workers), deterministic=True)
+            .batch(1)
+            .prefetch(max(1, depth))
+            .with_options(options))
 
-    def close(self):
-        """Drop the samples not yet started and wait for the running ones (a thread killed
-        inside SimpleITK at interpreter exit aborts the process)."""
-        for future in self._pending:
-            future.cancel()
-        self._pool.shutdown(wait=True)
+
+def distribution_strategy(devices=None):
+    """MirroredStrategy over ``devices``, or over every GPU when there are several; else the
+    default (single-device) strategy."""
+    import tensorflow as tf
+
+    if devices is None:
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [gpu.name for gpu in gpus] if len(gpus) > 1 else None
+    if not devices:
+        return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def set_precision(precision):
+    """Keras' global dtype policy for ``precision`` (one of PRECISIONS); variables stay float32."""
+    import keras
+
+    keras.mixed_precision.set_global_policy(
+        {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[precision])
+
+
+def make_optimizer(learning_rate, precision):
+    """Adam; wrapped for dynamic loss scaling in float16 (whose range is too small for the
+    gradients of small losses)."""
+    import keras
+
+    optimizer = keras.optimizers.Adam(learning_rate)
+    if precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def manager_has_checkpoint(run):
@@ -159,27 +195,32 @@ def main(argv=None):
         {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "data" else v)
          for k, v in vars(args).items()}, indent=1))
     keras.utils.set_random_seed(args.seed)
-    if args.precision == "bfloat16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    set_precision(args.precision)
     segmentation = args.stage == "segmentation"
-    model = build_scn() if segmentation else build_localization_net()
-    learning_rate = args.learning_rate or (1e-4 if segmentation else 1e-5)
-    optimizer = keras.optimizers.Adam(learning_rate)
-    optimizer.build(model.trainable_variables)
-    if args.init_weights and not manager_has_checkpoint(args.run):
-        from app.predictor import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
+    strategy = distribution_strategy(args.devices)
+    replicas = strategy.num_replicas_in_sync
+    with strategy.scope():
+        model = build_scn() if segmentation else build_localization_net()
+        learning_rate = args.learning_rate or (1e-4 if segmentation else 1e-5)
+        optimizer = make_optimizer(learning_rate, args.precision)
+        optimizer.build(model.trainable_variables)
+        if args.init_weights and not manager_has_checkpoint(args.run):
+            from app.predictor import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
 
-        model.load_weights(args.init_weights / (SEGMENTATION_WEIGHTS if segmentation
-                                                else LOCALIZATION_WEIGHTS))
-    ema = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
-    iteration = tf.Variable(0, dtype=tf.int64)
-    mean_gradient_norm = tf.Variable(0.0)
+            model.load_weights(args.init_weights / (SEGMENTATION_WEIGHTS if segmentation
+                                                    else LOCALIZATION_WEIGHTS))
+        ema = [tf.Variable(v, trainable=False) for v in model.trainable_variables]
+        iteration = tf.Variable(0, dtype=tf.int64)
+        mean_gradient_norm = tf.Variable(0.0)
+    if replicas > 1:
+        print(f"{replicas} replicas ({', '.join(strategy.extended.worker_devices)}), "
+              f"one sample each per iteration", flush=True)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, ema=ema,
                                      iteration=iteration, mean_gradient_norm=mean_gradient_norm)
     manager = tf.train.CheckpointManager(checkpoint, args.run / "checkpoints", max_to_keep=2)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        print(f"resumed from {manager.latest_checkpoint} at iteration {int(iteration)}")
+        print(f"resumed from {manager.latest_checkpoint} at iteration {int(iteration.numpy())}")
         if args.learning_rate:  # an explicit rate overrides the checkpoint's
             optimizer.learning_rate.assign(args.learning_rate)
 
@@ -197,7 +238,7 @@ def main(argv=None):
         return augment.localization_sample(case, rng, max_size_zyx=args.crop_size)
 
     train_step = make_train_step(model, optimizer, ema, iteration, mean_gradient_norm,
-                                 segmentation, args.ema_decay)
+                                 segmentation, args.ema_decay, strategy)
 
     log_path = args.run / "log.csv"
     new_log = not log_path.exists()
@@ -205,22 +246,32 @@ def main(argv=None):
     writer = csv.writer(log)
     if new_log:
         writer.writerow(["iteration", "loss", "seconds", "validation"])
-    stream = SampleStream(make_sample, args.seed, args.workers, first_index=int(iteration))
+    # iteration i trains on samples i * replicas ... (i + 1) * replicas - 1, one per replica
+    samples = iter(strategy.distribute_datasets_from_function(
+        lambda _: sample_dataset(make_sample, args.seed, args.workers,
+                                 first_index=int(iteration.numpy()) * replicas)))
     losses_window = []
     tick = time.time()
     try:
         from tqdm import tqdm
-        progress = tqdm(total=args.iterations, initial=int(iteration), unit="it", mininterval=5)
-        while int(iteration) < args.iterations:
-            image, labels = stream.next()
-            loss, norm = train_step(image[None, ..., None], labels[None])
-            loss = float(loss)
-            if not np.isfinite(loss) or not np.isfinite(float(norm)):
-                raise FloatingPointError(f"iteration {int(iteration)}: loss {loss}, "
-                                         f"gradient norm {float(norm)}")
+        progress = tqdm(total=args.iterations, initial=int(iteration.numpy()), unit="it",
+                        mininterval=5)
+        skipped = overflows_in_a_row = 0
+        while int(iteration.numpy()) < args.iterations:
+            loss, norm = train_step(*next(samples))
+            loss, norm = float(loss), float(norm)
+            # float16: an overflowing gradient skips the step and halves the loss scale
+            overflow = args.precision == "float16" and np.isfinite(loss) and not np.isfinite(norm)
+            skipped += overflow
+            overflows_in_a_row = overflows_in_a_row + 1 if overflow else 0
+            if not np.isfinite(loss) or not (np.isfinite(norm) or overflow) or (
+                    overflows_in_a_row > MAX_OVERFLOWS_IN_A_ROW):
+                raise FloatingPointError(f"iteration {int(iteration.numpy())}: loss {loss}, "
+                                         f"gradient norm {norm}, {overflows_in_a_row} "
+                                         f"float16 overflows in a row")
             losses_window.append(loss)
             progress.update(1)
-            step = int(iteration)
+            step = int(iteration.numpy())
             validation_scores = ""
             if validation and (step % args.validate_every == 0 or step == args.iterations):
                 scores = validate(model, ema, validation, args.stage)
@@ -230,47 +281,77 @@ def main(argv=None):
                 writer.writerow([step, round(float(np.mean(losses_window)), 5),
                                  round(time.time() - tick, 1), validation_scores])
                 log.flush()
-                progress.set_postfix(loss=f"{np.mean(losses_window):.4f}")
+                progress.set_postfix(loss=f"{np.mean(losses_window):.4f}",
+                                     **({"skipped": skipped} if skipped else {}))
                 losses_window = []
             if step % args.checkpoint_every == 0 or step == args.iterations:
                 manager.save()
         progress.close()
     finally:
-        stream.close()
+        # the iterator's end cancels the map calls in flight and waits for them: none is left
+        # inside SimpleITK when the interpreter exits
+        del samples
         log.close()
     if args.export:
         export_weights(model, ema, args.stage, args.export)
 
 
-def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmentation, ema_decay):
+def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmentation, ema_decay,
+                    strategy=None):
     """A compiled step: loss, gradients clipped to 5x their running mean norm, Adam, EMA update.
 
-    Returns ``step(image (1, z, y, x, 1), labels (1, z, y, x)) -> (loss, gradient norm)``.
+    Returns ``step(image, labels) -> (loss, gradient norm)``: image (1, z, y, x, 1), labels
+    (1, z, y, x) per replica. With a ``keras.optimizers.LossScaleOptimizer`` (float16) the loss
+    is scaled before differentiation, the norm and clipping act on the unscaled gradients, and a
+    step whose gradients overflow returns a non-finite norm and changes no weight (the optimizer
+    halves its scale). Under a distribution ``strategy`` each replica computes the loss and
+    gradients of its own sample; the losses and gradients are averaged across replicas, and
+    clipping, Adam and the EMA act once on the averages (cross-replica context), so N devices
+    train as one device would on the mean gradient of N samples.
     """
+    import keras
     import tensorflow as tf
 
     from app import method
     from training import losses
 
+    strategy = strategy or tf.distribute.get_strategy()
     classes = method.NUM_CLASSES if segmentation else 2
+    # float16: the loss is multiplied by the optimizer's dynamic scale before differentiation
+    loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
-    @tf.function(reduce_retracing=True)
-    def train_step(image, labels):
+    def replica_gradients(image, labels):
         one_hot = tf.one_hot(tf.cast(labels, tf.int32), classes)
         with tf.GradientTape() as tape:
             outputs = model(image, training=True)
             loss = (losses.scn_loss(outputs, one_hot) if segmentation
                     else losses.localization_loss(outputs, one_hot))
             total = loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses])
-        gradients = tape.gradient(total, model.trainable_variables)
-        norm = tf.linalg.global_norm(gradients)
+            if loss_scaling:
+                total = optimizer.scale_loss(total)
+        return loss, tape.gradient(total, model.trainable_variables)
+
+    def mean(per_replica):
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+
+    @tf.function(reduce_retracing=True)
+    def train_step(image, labels):
+        loss, gradients = strategy.run(replica_gradients, args=(image, labels))
+        loss, gradients = mean(loss), [mean(g) for g in gradients]
+        scale = tf.cast(optimizer.dynamic_scale, tf.float32) if loss_scaling else 1.0
+        scaled_norm = tf.linalg.global_norm(gradients)
+        norm = scaled_norm / scale
+        finite = tf.math.is_finite(norm)
         # clip to 5x the running mean of the gradient norm (none before the mean exists)
         limit = tf.where(mean_gradient_norm > 0, 5.0 * mean_gradient_norm, norm + 1.0)
-        gradients, _ = tf.clip_by_global_norm(gradients, limit, use_norm=norm)
+        clipped, _ = tf.clip_by_global_norm(gradients, limit * scale, use_norm=scaled_norm)
+        # an overflow (float16) passes unclipped: the loss-scale optimizer skips the step and
+        # halves its scale
+        gradients = [tf.where(finite, c, g) for c, g in zip(clipped, gradients)]
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        mean_gradient_norm.assign(tf.where(mean_gradient_norm > 0,
-                                           0.99 * mean_gradient_norm + 0.01 * tf.minimum(norm, limit),
-                                           norm))
+        running = tf.where(mean_gradient_norm > 0,
+                           0.99 * mean_gradient_norm + 0.01 * tf.minimum(norm, limit), norm)
+        mean_gradient_norm.assign(tf.where(finite, running, mean_gradient_norm))
         decay = tf.minimum(ema_decay,
                            (1.0 + tf.cast(iteration, tf.float32)) / (10.0 + tf.cast(iteration, tf.float32)))
         for average, variable in zip(ema, model.trainable_variables):
