@@ -22,11 +22,29 @@ FILES = {"localization": DEFAULT_WEIGHTS_DIR / LOCALIZATION_WEIGHTS,
 
 @pytest.fixture(scope="module")
 def volume():
-    """A CT-like input: smooth random structure in network units, 64 x 64 x 96."""
-    rng = np.random.default_rng(0)
-    coarse = rng.uniform(-0.5, 0.1, (1, 8, 8, 12, 1)).astype(np.float32)
-    fine = np.kron(coarse, np.ones((1, 8, 8, 8, 1), np.float32))
-    return fine + rng.normal(0, 0.01, fine.shape).astype(np.float32)
+    """Real CT in network units on a 2 mm grid of 64 x 64 x 96 (z, y, x) around the organs of
+    ts_example, so that the networks predict organs and the comparison covers them."""
+    from app.geometry import to_canonical
+    from app.preprocessing import scale_intensity
+    from tests.conftest import shared_data_or_skip
+
+    data = shared_data_or_skip()
+    image, _ = to_canonical(sitk.ReadImage(str(data / "images" / "ts_example_0000.nii.gz"),
+                                           sitk.sitkFloat32))
+    labels = sitk.Resample(sitk.ReadImage(str(data / "labels" / "ts_example.nii.gz")), image,
+                           sitk.Transform(), sitk.sitkNearestNeighbor)
+    organs = np.argwhere(sitk.GetArrayViewFromImage(labels) > 0)
+    centre = image.TransformContinuousIndexToPhysicalPoint(
+        [float(c) for c in organs.mean(axis=0)[::-1]])
+    size_xyz, spacing = (96, 64, 64), 2.0
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    origin = np.asarray(centre) - direction @ (np.asarray(size_xyz) - 1) * spacing / 2
+    grid = sitk.Image(size_xyz, sitk.sitkFloat32)
+    grid.SetSpacing((spacing,) * 3)
+    grid.SetDirection(image.GetDirection())
+    grid.SetOrigin(tuple(origin))
+    crop = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1024.0)
+    return scale_intensity(sitk.GetArrayFromImage(crop))[None, ..., None]
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
