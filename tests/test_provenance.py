@@ -37,3 +37,22 @@ def test_provenance_keeps_scores_notes_and_hand_recorded_fields(tmp_path):
     assert provenance["segmentation"]["last_validation"] == {"liver": 0.9}
     assert provenance["localization"]["training_wall_seconds"] == 20.0
     assert provenance["preprocessing"]["crop_padding_hu"] == -1024.0
+
+
+def test_iterations_are_those_of_the_latest_checkpoint_not_the_target(tmp_path):
+    """A run stopped before its --iterations target: the exported weights are the checkpoint's."""
+    import tensorflow as tf
+
+    from training.provenance import run_summary
+
+    run = tmp_path / "run"
+    write_run(run, 1000, ['50,0.7,30.0,"{""liver"": 0.8}"', "60,0.6,40.0,",
+                          '100,0.5,70.0,"{""liver"": 0.9}"', "120,0.5,85.0,"])
+    assert run_summary(run)["iterations"] == 120  # no checkpoint: the log's last iteration
+    iteration = tf.Variable(60, dtype=tf.int64)
+    tf.train.CheckpointManager(tf.train.Checkpoint(iteration=iteration), run / "checkpoints",
+                               max_to_keep=2).save()
+    summary = run_summary(run)
+    assert summary["iterations"] == 60
+    assert summary["training_wall_seconds"] == 40.0  # rows after the checkpoint left out
+    assert summary["last_validation"] == {"liver": 0.8}

@@ -3,7 +3,8 @@
     python -m training.provenance --weights weights --localization-run runs/loc \\
         --segmentation-run runs/scn
 
-Reads each run folder's args.json and log.csv; keeps any ``scores`` already in weights.json
+Reads each run folder's args.json, log.csv and latest checkpoint (the iteration the weights were
+exported at: the checkpoint's, not args.json's target, which a stopped run never reached); keeps any ``scores`` already in weights.json
 (evaluation/score_weights.py --update writes them), its ``notes``, and per network the fields
 recorded by hand that the runs cannot tell (e.g. a learning-rate schedule across resumed runs).
 """
@@ -19,31 +20,52 @@ from pathlib import Path
 from app.predictor import PROVENANCE, PreprocessingSettings
 
 
-def training_seconds(log_path):
+def log_rows(log_path, up_to=None):
+    """The rows of a run's log.csv, only those up to iteration ``up_to`` when given."""
+    with open(log_path) as f:
+        return [row for row in csv.DictReader(f)
+                if up_to is None or int(row["iteration"]) <= up_to]
+
+
+def training_seconds(log_path, up_to=None):
     """Wall seconds of training from a run's log (the clock restarts with every resumed process)."""
     total, segment_max, previous = 0.0, 0.0, -1.0
-    with open(log_path) as f:
-        for row in csv.DictReader(f):
-            seconds = float(row["seconds"])
-            if seconds < previous:
-                total += segment_max
-                segment_max = 0.0
-            segment_max = max(segment_max, seconds)
-            previous = seconds
+    for row in log_rows(log_path, up_to):
+        seconds = float(row["seconds"])
+        if seconds < previous:
+            total += segment_max
+            segment_max = 0.0
+        segment_max = max(segment_max, seconds)
+        previous = seconds
     return round(total + segment_max, 1)
 
 
-def last_validation(log_path):
-    with open(log_path) as f:
-        rows = [row for row in csv.DictReader(f) if row["validation"]]
+def last_validation(log_path, up_to=None):
+    rows = [row for row in log_rows(log_path, up_to) if row["validation"]]
     return json.loads(rows[-1]["validation"]) if rows else None
+
+
+def trained_iterations(run):
+    """The iteration of the run's latest checkpoint (what an export from the run holds); without
+    a checkpoint, the last iteration in its log."""
+    checkpoints = run / "checkpoints"
+    if checkpoints.is_dir():
+        import tensorflow as tf
+
+        latest = tf.train.latest_checkpoint(str(checkpoints))
+        if latest:
+            return int(tf.train.load_checkpoint(latest).get_tensor(
+                "iteration/.ATTRIBUTES/VARIABLE_VALUE"))
+    rows = log_rows(run / "log.csv")
+    return int(rows[-1]["iteration"]) if rows else 0
 
 
 def run_summary(run):
     args = json.loads((run / "args.json").read_text())
+    iterations = trained_iterations(run)
     return {
-        "iterations": args["iterations"],
-        "training_wall_seconds": training_seconds(run / "log.csv"),
+        "iterations": iterations,
+        "training_wall_seconds": training_seconds(run / "log.csv", iterations),
         "generated_training_cases": args["generated"],
         "generated_in_plane_size": args["generated_size"],
         "real_training_data": args["data"],
@@ -52,7 +74,7 @@ def run_summary(run):
         "learning_rate": args["learning_rate"],
         "ema_decay": args["ema_decay"],
         "precision": args["precision"],
-        "last_validation": last_validation(run / "log.csv"),
+        "last_validation": last_validation(run / "log.csv", iterations),
     }
 
 
