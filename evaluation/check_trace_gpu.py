@@ -22,10 +22,11 @@ Needs NVML (nvidia-ml-py), PyTorch or CuPy, and SimpleITK for the tiny inputs.
 import argparse
 import csv
 import json
-import os
+import shlex
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ import SimpleITK as sitk
 
 from evaluation.trace import IMAGE_SUFFIX, Gpu, trace
 
+ROOT = Path(__file__).resolve().parents[1]
 HOLDS = ((1024, 2.0), (4096, 2.0))
 TIMEOUT_HOLD = (2048, 60.0)
 TIMEOUT_S = 10.0
@@ -42,9 +44,11 @@ SETTLE_S = 0.15             # samples this close after a hold began may still se
 
 
 def load_command(holds, report_dir):
+    """The trace's command template: ``evaluation.gpu_load`` from this checkout, any directory."""
     hold_args = " ".join(f"{mib}:{seconds:g}" for mib, seconds in holds)
-    return (f"{sys.executable} -m evaluation.gpu_load {{inputs}} {{outputs}} --hold {hold_args} "
-            f"--report {report_dir}/{{name}}.json")
+    return (f'PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}} '
+            f"{shlex.quote(sys.executable)} -m evaluation.gpu_load {{inputs}} {{outputs}} "
+            f"--hold {hold_args} --report {shlex.quote(str(report_dir))}/{{name}}.json")
 
 
 def read_samples(path):
@@ -65,29 +69,27 @@ def check_case(result, samples, report, gpu_after_mib):
     """(check, passed, detail) triples for one traced case; ``result`` is the summary record."""
     checks = []
     before = result["gpu_used_before_mb"]
-    contexts = []
-    for hold in report["holds"]:
-        seen = hold_readings(samples, hold, before)
-        spread = (max(seen) - min(seen)) if seen else None
+    holds = report["holds"]
+    seen = [hold_readings(samples, hold, before) for hold in holds]
+    for hold, readings in zip(holds, seen):
         checks.append((f"{hold['mib']} MiB hold seen at a steady level",
-                       bool(seen) and spread <= CONTEXT_SPREAD_MIB,
-                       f"{len(seen)} samples, context {min(seen, default=float('nan')):.0f}-"
-                       f"{max(seen, default=float('nan')):.0f} MiB"))
-        contexts.extend(seen)
+                       bool(readings) and max(readings) - min(readings) <= CONTEXT_SPREAD_MIB,
+                       f"{len(readings)} samples, context {min(readings, default=float('nan')):.0f}"
+                       f"-{max(readings, default=float('nan')):.0f} MiB"))
+    contexts = [value for readings in seen for value in readings]
     if contexts:
         checks.append(("context size plausible and the same in every hold",
                        0 <= min(contexts) and max(contexts) <= MAX_CONTEXT_MIB
                        and max(contexts) - min(contexts) <= CONTEXT_SPREAD_MIB,
                        f"{min(contexts):.0f}-{max(contexts):.0f} MiB"))
-        largest = max(report["holds"], key=lambda h: h["mib"])
-        level = before + largest["mib"] + float(np.median(hold_readings(samples, largest,
-                                                                        before)))
+        largest = max(range(len(holds)), key=lambda i: holds[i]["mib"])
+        level = before + holds[largest]["mib"] + float(np.median(seen[largest] or [np.nan]))
         checks.append(("FLARE21 maximum = reading during the largest hold",
                        result["gpu_max_mb_flare21"] is not None
                        and abs(result["gpu_max_mb_flare21"] - level) <= CONTEXT_SPREAD_MIB,
                        f"{result['gpu_max_mb_flare21']} vs {level:.0f} MB"))
         checks.append(("per-process NVML memory of the command's tree reaches the largest hold",
-                       (result["gpu_tree_max_mb"] or 0) >= largest["mib"],
+                       (result["gpu_tree_max_mb"] or 0) >= holds[largest]["mib"],
                        f"{result['gpu_tree_max_mb']} MB"))
     checks.append(("sampling interval 0.1 s",
                    result["mean_interval_s"] is not None
@@ -122,9 +124,6 @@ def run(work, out):
         print(f"check_trace_gpu: no GPU to check ({gpu.reason})", file=sys.stderr)
         return 2
     print(f"GPU: {gpu.name}, {gpu.total_mb:.0f} MiB")
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1])] + os.environ.get("PYTHONPATH", "").split(
-            os.pathsep)).rstrip(os.pathsep)
     reports = work / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     all_checks = []
@@ -139,7 +138,7 @@ def run(work, out):
         results = trace(inputs, out / label, load_command(holds, reports), progress=False,
                         **options)
         for result in results:
-            record = {k: getattr(result, k) for k in result.__dataclass_fields__}
+            record = asdict(result)
             after = settled_reading(gpu)
             samples = read_samples(out / label / "samples" / f"{result.name}.csv")
             if label == "timeout":
@@ -153,7 +152,9 @@ def run(work, out):
                            >= TIMEOUT_HOLD[0], f"max {result.gpu_max_mb} MB")]
             else:
                 report = json.loads((reports / f"{result.name}.json").read_text())
-                checks = [("case ran", result.status == "ok", result.reason or "ok")]
+                checks = [("case ran", result.status == "ok",
+                           f"{result.reason or 'ok'}; {report['framework']} ready "
+                           f"{report['context_ready'] - report['started']:.1f} s after start")]
                 checks += check_case(record, samples, report, after)
             all_checks += [(result.name, *check) for check in checks]
     gpu.close()

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-IMAGE_SUFFIX = "_0000.nii.gz"
+IMAGE_SUFFIX = "_0000.nii.gz"  # as app.cli; not imported, so that no app dependency is needed
 MIB = 2 ** 20
 
 

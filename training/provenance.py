@@ -3,10 +3,11 @@
     python -m training.provenance --weights weights --localization-run runs/loc \\
         --segmentation-run runs/scn
 
-Reads each run folder's args.json, log.csv and latest checkpoint (the iteration the weights were
-exported at: the checkpoint's, not args.json's target, which a stopped run never reached); keeps any ``scores`` already in weights.json
-(evaluation/score_weights.py --update writes them), its ``notes``, and per network the fields
-recorded by hand that the runs cannot tell (e.g. a learning-rate schedule across resumed runs).
+Reads each run folder's args.json, log.csv and latest checkpoint (whose iteration an export from
+the run holds; args.json's target may never have been reached). Keeps any ``scores`` already in
+weights.json (evaluation/score_weights.py --update writes them), its ``notes``, and per network
+the fields recorded by hand that the runs cannot tell (e.g. a learning-rate schedule across
+resumed runs).
 """
 
 import argparse

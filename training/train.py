@@ -134,13 +134,10 @@ def sample_dataset(make_sample, seed, workers, first_index=0, depth=6):
         labels.set_shape([None, None, None])
         return image[..., None], labels
 
-    options = tf.data.Options()
-    options.deterministic = True
     return (tf.data.Dataset.counter(first_index)
             .map(load, num_parallel_calls=max(1, workers), deterministic=True)
             .batch(1)
-            .prefetch(max(1, depth))
-            .with_options(options))
+            .prefetch(max(1, depth)))
 
 
 def distribution_strategy(devices=None):
@@ -247,31 +244,30 @@ def main(argv=None):
     if new_log:
         writer.writerow(["iteration", "loss", "seconds", "validation"])
     # iteration i trains on samples i * replicas ... (i + 1) * replicas - 1, one per replica
+    step = int(iteration.numpy())
     samples = iter(strategy.distribute_datasets_from_function(
         lambda _: sample_dataset(make_sample, args.seed, args.workers,
-                                 first_index=int(iteration.numpy()) * replicas)))
+                                 first_index=step * replicas)))
     losses_window = []
     tick = time.time()
     try:
         from tqdm import tqdm
-        progress = tqdm(total=args.iterations, initial=int(iteration.numpy()), unit="it",
-                        mininterval=5)
+        progress = tqdm(total=args.iterations, initial=step, unit="it", mininterval=5)
         skipped = overflows_in_a_row = 0
-        while int(iteration.numpy()) < args.iterations:
+        while step < args.iterations:
             loss, norm = train_step(*next(samples))
-            loss, norm = float(loss), float(norm)
+            loss, norm, step = float(loss), float(norm), int(iteration.numpy())
             # float16: an overflowing gradient skips the step and halves the loss scale
             overflow = args.precision == "float16" and np.isfinite(loss) and not np.isfinite(norm)
             skipped += overflow
             overflows_in_a_row = overflows_in_a_row + 1 if overflow else 0
             if not np.isfinite(loss) or not (np.isfinite(norm) or overflow) or (
                     overflows_in_a_row > MAX_OVERFLOWS_IN_A_ROW):
-                raise FloatingPointError(f"iteration {int(iteration.numpy())}: loss {loss}, "
+                raise FloatingPointError(f"iteration {step}: loss {loss}, "
                                          f"gradient norm {norm}, {overflows_in_a_row} "
                                          f"float16 overflows in a row")
             losses_window.append(loss)
             progress.update(1)
-            step = int(iteration.numpy())
             validation_scores = ""
             if validation and (step % args.validate_every == 0 or step == args.iterations):
                 scores = validate(model, ema, validation, args.stage)
@@ -288,9 +284,7 @@ def main(argv=None):
                 manager.save()
         progress.close()
     finally:
-        # the iterator's end cancels the map calls in flight and waits for them: none is left
-        # inside SimpleITK when the interpreter exits
-        del samples
+        del samples  # ends the pipeline's map calls before the interpreter exits
         log.close()
     if args.export:
         export_weights(model, ema, args.stage, args.export)
@@ -345,10 +339,9 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
         # clip to 5x the running mean of the gradient norm (none before the mean exists)
         limit = tf.where(mean_gradient_norm > 0, 5.0 * mean_gradient_norm, norm + 1.0)
         clipped, _ = tf.clip_by_global_norm(gradients, limit * scale, use_norm=scaled_norm)
-        # an overflow (float16) passes unclipped: the loss-scale optimizer skips the step and
-        # halves its scale
-        gradients = [tf.where(finite, c, g) for c, g in zip(clipped, gradients)]
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        if loss_scaling:  # an overflow passes unclipped: the optimizer skips it, halves its scale
+            clipped = [tf.where(finite, c, g) for c, g in zip(clipped, gradients)]
+        optimizer.apply_gradients(zip(clipped, model.trainable_variables))
         running = tf.where(mean_gradient_norm > 0,
                            0.99 * mean_gradient_norm + 0.01 * tf.minimum(norm, limit), norm)
         mean_gradient_norm.assign(tf.where(finite, running, mean_gradient_norm))
