@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from app import method
 from app.geometry import Grid, centred_grid, image_centre_axis_mm
@@ -99,6 +100,19 @@ def box_of(mask, network_grid, image_grid, margin_mm):
     return start, stop
 
 
+def body_mask(network_input):
+    """The trunk in a scaled network input (z, y, x): the largest connected region (face
+    neighbours) of voxels above ``BODY_THRESHOLD_HU``. Arms lying apart from the trunk, the
+    table and blankets are other regions, and every abdominal organ lies in the trunk."""
+    above = np.asarray(network_input) > scale_intensity(BODY_THRESHOLD_HU)
+    regions, count = ndimage.label(above)
+    if count <= 1:
+        return above
+    sizes = np.bincount(regions.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    return regions == int(np.argmax(sizes))
+
+
 def roi_from_foreground(foreground, network_grid, image_grid, margin_mm=method.ROI_MARGIN_MM,
                         network_input=None):
     """Bounding box of all foreground voxels, enlarged by ``margin_mm`` and clipped to the image.
@@ -115,7 +129,7 @@ def roi_from_foreground(foreground, network_grid, image_grid, margin_mm=method.R
         whole = (np.zeros(3, int), np.asarray(image_grid.size))
         if network_input is None:
             return Roi.whole(image_grid)
-        body = np.asarray(network_input) > scale_intensity(BODY_THRESHOLD_HU)
+        body = body_mask(network_input)
         boxes = [box for box in (box_of(foreground, network_grid, image_grid, margin_mm),
                                  box_of(body, network_grid, image_grid, margin_mm))
                  if box is not None]

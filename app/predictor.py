@@ -17,8 +17,8 @@ import SimpleITK as sitk
 
 from app import graphs, method
 from app.geometry import Grid, from_canonical, to_canonical
-from app.localization import localization_grid, roi_from_foreground
-from app.preprocessing import network_input
+from app.localization import localization_grid, partial_fov_axes, roi_from_foreground
+from app.preprocessing import crop_margin_mm, extend_partial_axes, network_input
 from app.segmentation import labels_on_roi, paste, segmentation_grid
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -325,8 +325,11 @@ class Predictor:
         lap("localization_network")
 
         crop_grid = segmentation_grid(grid, roi)
-        crop = network_input(canonical, crop_grid, self.settings.segmentation_sigma_mm,
-                             self.settings.crop_padding_hu, plain=self.plain)
+        sigma_mm = self.settings.segmentation_sigma_mm
+        source = extend_partial_axes(canonical, crop_grid, partial_fov_axes(grid),
+                                     crop_margin_mm(grid, sigma_mm))
+        crop = network_input(source, crop_grid, sigma_mm, self.settings.crop_padding_hu,
+                             plain=self.plain)
         lap("segmentation_preprocessing")
         segment = self._network("segmentation")
         lap("segmentation_warm_up")

@@ -19,6 +19,36 @@ def smallest_valid_size(voxels, valid_sizes):
     return min(larger) if larger else max(valid_sizes)
 
 
+def extend_partial_axes(image, grid, partial_axes, margin_mm):
+    """``image`` extended along its ``partial_axes`` (x, y, z booleans) by repeating its edge
+    slices (SimpleITK's zero-flux Neumann padding) far enough to cover ``grid`` (same direction)
+    plus ``margin_mm``; the image itself where nothing is missing.
+
+    Ours, for partial fields of view: a thin slab's SCN crop reaches beyond the slab, and padding
+    it with a constant puts an artificial body edge above and below the organs. On the real 40 mm
+    slab of ../shared/data the shipped SCN then called 3.7 % of the spleen kidney near that edge
+    (spleen DSC 0.88); repeating the edge slices gave 0.95. Training's slab samples do the same
+    (training.augment.keep_slab).
+    """
+    image_grid = Grid.of(image)
+    spacing = np.asarray(image_grid.spacing_mm)
+    first_edge = image_grid.physical_to_axis_mm(grid.origin_mm) - np.asarray(grid.spacing_mm) / 2
+    low_mm = first_edge - margin_mm
+    high_mm = first_edge + np.asarray(grid.extent_mm) + margin_mm
+    image_low, image_high = -spacing / 2, (np.asarray(image_grid.size) - 0.5) * spacing
+    partial = np.asarray(partial_axes, bool)
+    lower = np.where(partial, np.ceil(np.maximum(image_low - low_mm, 0) / spacing), 0).astype(int)
+    upper = np.where(partial, np.ceil(np.maximum(high_mm - image_high, 0) / spacing), 0).astype(int)
+    if not lower.any() and not upper.any():
+        return image
+    return sitk.ZeroFluxNeumannPad(image, [int(n) for n in lower], [int(n) for n in upper])
+
+
+def crop_margin_mm(image_grid, sigma_mm):
+    """How far beyond a grid ``network_input`` reads the image: 3 sigma and two voxels."""
+    return 3 * sigma_mm + 2 * float(max(image_grid.spacing_mm))
+
+
 def network_input(image, grid, sigma_mm, padding_hu, downsampling="gaussian", *, plain=False):
     """Resample a CT onto a network grid and scale it: float32 array (z, y, x).
 
@@ -39,8 +69,7 @@ def network_input(image, grid, sigma_mm, padding_hu, downsampling="gaussian", *,
     image_grid = Grid.of(image)
     centre_in_image = image_grid.physical_to_axis_mm(
         grid.axis_mm_to_physical(image_centre_axis_mm(grid)))
-    parent_spacing = np.asarray(image_grid.spacing_mm)
-    margin_mm = 3 * sigma_mm + 2 * float(parent_spacing.max())
+    margin_mm = crop_margin_mm(image_grid, sigma_mm)
     if downsampling == "area":
         margin_mm += max(grid.spacing_mm)  # a box reaches half a grid voxel beyond its centre
     same_direction = np.allclose(image_grid.direction, grid.direction, atol=1e-6)

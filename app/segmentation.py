@@ -7,10 +7,17 @@ import SimpleITK as sitk
 
 from app import method
 from app.geometry import centred_grid, linear_positions
+from app.localization import partial_fov_axes
 from app.preprocessing import smallest_valid_size
 
 MAX_CROP_SIZE = (max(method.SEGMENTATION_VALID_SIZES_X), max(method.SEGMENTATION_VALID_SIZES_Y),
                  max(method.SEGMENTATION_VALID_SIZES_Z))
+# Ours, for partial fields of view only: the crop sizes are multiples of this (the step of the
+# valid sizes, which the SCN's pooling needs) and may exceed the largest valid size along an axis,
+# as long as the crop holds no more voxels than the largest valid crop (the GPU-memory bound the
+# size limits stand for).
+CROP_SIZE_STEP = 32
+MAX_CROP_VOXELS = math.prod(MAX_CROP_SIZE)
 
 
 def segmentation_spacing_mm(extent_mm):
@@ -21,10 +28,35 @@ def segmentation_spacing_mm(extent_mm):
     return method.SEGMENTATION_SPACING_MM
 
 
+def partial_fov_crop_size(extent_mm):
+    """Crop size (x, y, z) at 2 mm for a partial field of view: per axis the next multiple of
+    ``CROP_SIZE_STEP`` strictly larger than the ROI; None if it holds more voxels than
+    ``MAX_CROP_VOXELS``.
+
+    A thin slab's body box is wide (often the whole field of view, arms and table included):
+    fitting it into the method's largest crop coarsened the spacing to about 3.2 mm on the real
+    40 mm slab of ../shared/data (512 x 356 voxels of 0.98 mm in-plane), where the SCN, trained at
+    2 mm, found 66 % of the spleen; at 2 mm it found 87 % (liver DSC 0.94 -> 0.96, spleen 0.75
+    -> 0.89). The slab is thin, so the 2 mm crop is still smaller than the largest valid one.
+    """
+    spacing = method.SEGMENTATION_SPACING_MM
+    size = [(math.floor(extent / spacing / CROP_SIZE_STEP) + 1) * CROP_SIZE_STEP
+            for extent in extent_mm]
+    return size if math.prod(size) <= MAX_CROP_VOXELS else None
+
+
 def segmentation_grid(image_grid, roi):
-    """The SCN's crop grid: isotropic, valid size strictly larger than the ROI, centred on it."""
+    """The SCN's crop grid: isotropic, valid size strictly larger than the ROI, centred on it.
+
+    Partial fields of view (``partial_fov_axes``) keep 2 mm when ``partial_fov_crop_size``
+    allows it (ours, not the method's)."""
     low_mm, high_mm = roi.axis_mm(image_grid)
     extent_mm = high_mm - low_mm
+    if any(partial_fov_axes(image_grid)):
+        size = partial_fov_crop_size(extent_mm)
+        if size is not None:
+            return centred_grid(image_grid, (low_mm + high_mm) / 2, size,
+                                method.SEGMENTATION_SPACING_MM)
     spacing = segmentation_spacing_mm(extent_mm)
     voxels = [math.ceil(extent / spacing) for extent in extent_mm]
     valid = (method.SEGMENTATION_VALID_SIZES_X, method.SEGMENTATION_VALID_SIZES_Y,

@@ -6,9 +6,10 @@ import SimpleITK as sitk
 
 from app import method
 from app.geometry import Grid, centred_grid, from_canonical, image_centre_axis_mm, to_canonical
-from app.localization import Roi, localization_grid, localization_spacing_mm, roi_from_foreground
-from app.preprocessing import smallest_valid_size
-from app.segmentation import segmentation_grid, segmentation_spacing_mm
+from app.localization import (Roi, body_mask, localization_grid, localization_spacing_mm,
+                              roi_from_foreground)
+from app.preprocessing import extend_partial_axes, scale_intensity, smallest_valid_size
+from app.segmentation import MAX_CROP_VOXELS, segmentation_grid, segmentation_spacing_mm
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -78,6 +79,63 @@ def test_segmentation_spacing_grows_for_a_large_roi():
     assert segmentation_spacing_mm((400.0, 250.0, 300.0)) == pytest.approx(400 / 160 + 0.1)
     crop = segmentation_grid(grid((500, 300, 300), (1.0, 1.0, 1.0)), Roi((0, 0, 0), (500, 300, 300)))
     assert crop.size == (160, 96, 96) and crop.spacing_mm[0] == pytest.approx(500 / 160 + 0.1)
+
+
+def test_a_thin_slab_keeps_2mm_while_its_crop_is_no_larger_than_the_largest_valid_one():
+    slab = grid((512, 512, 20), (0.977, 0.977, 2.0))  # 500 x 500 x 40 mm, as ../shared's DICOM
+    roi = Roi((0, 147, 0), (512, 284, 20))  # the body box across, the whole slab
+    crop = segmentation_grid(slab, roi)
+    assert crop.spacing_mm == (2.0, 2.0, 2.0)
+    assert crop.size == (256, 160, 32)  # multiples of 32 strictly larger than 250 x 139 x 20
+    low, high = roi.axis_mm(slab)
+    crop_centre = slab.physical_to_axis_mm(crop.axis_mm_to_physical(image_centre_axis_mm(crop)))
+    np.testing.assert_allclose(crop_centre, (low + high) / 2, atol=1e-9)
+    # a 180 mm slab of this body would need 256 x 160 x 96 voxels at 2 mm: more than the
+    # largest valid crop, so the method's fitting spacing applies
+    thick = grid((512, 512, 90), (0.977, 0.977, 2.0))
+    assert 256 * 160 * 96 > MAX_CROP_VOXELS
+    crop = segmentation_grid(thick, Roi((0, 147, 0), (512, 284, 90)))
+    assert crop.spacing_mm[0] == pytest.approx(512 * 0.977 / 160 + 0.1)
+    assert crop.size == (160, 96, 64)
+
+
+@pytest.mark.parametrize("direction", [
+    IDENTITY,
+    (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0),  # permuted and flipped
+])
+def test_a_partial_axis_is_extended_by_repeating_its_edge_slices(direction):
+    array = np.random.default_rng(1).integers(-1000, 1000, (5, 6, 7)).astype(np.int16)
+    image = sitk.GetImageFromArray(array)  # x 7, y 6, z 5 voxels
+    image.SetSpacing((1.0, 1.5, 2.0))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    image.SetDirection(direction)
+    image_grid = Grid.of(image)
+    # z: the image spans 10 mm, the crop 16 mm: 3 mm beyond each end, plus a 1 mm margin, is
+    # two 2 mm slices at each end; across, the crop lies inside the image
+    crop = centred_grid(image_grid, image_centre_axis_mm(image_grid), (1, 1, 4), 4.0)
+    extended = extend_partial_axes(image, crop, (False, False, True), margin_mm=1.0)
+    assert extended.GetSize() == (7, 6, 5 + 2 * 2)  # x 7 mm, y 9 mm: the crop is inside
+    assert extended.GetDirection() == image.GetDirection()
+    values = sitk.GetArrayFromImage(extended)
+    np.testing.assert_array_equal(values[2:-2], array)
+    assert all((values[k] == array[0]).all() for k in range(2))
+    assert all((values[-1 - k] == array[-1]).all() for k in range(2))
+    # the original voxels keep their physical positions
+    first_original = extended.TransformIndexToPhysicalPoint((0, 0, 2))
+    np.testing.assert_allclose(first_original, image.GetOrigin(), atol=1e-9)
+    # not a partial axis, or nothing missing: the image itself
+    assert extend_partial_axes(image, crop, (True, True, False), margin_mm=1.0) is image
+
+
+def test_the_body_is_the_largest_region_above_minus_500_hu():
+    hu = np.full((10, 40, 40), -1000.0, np.float32)
+    hu[:, 5:30, 8:32] = 40.0  # trunk
+    hu[:, 10:20, 34:38] = 40.0  # an arm, apart from the trunk
+    hu[:, 33:35, 2:38] = 100.0  # the table
+    body = body_mask(scale_intensity(hu))
+    assert body[:, 5:30, 8:32].all()
+    assert body.sum() == 10 * 25 * 24
+    assert not body_mask(np.full((4, 4, 4), -0.5, np.float32)).any()
 
 
 @pytest.mark.parametrize("direction", [

@@ -519,13 +519,15 @@ def test_the_real_dicom_series_is_segmented_where_its_label_says(tmp_path, predi
     assert same_grid(output, image)
     label = sitk.ReadImage(str(shared_data / "dicom" / "ts_dicom.nii.gz"))
     reference = on_grid(label, output)
-    predicted = sitk.GetArrayViewFromImage(output) > 0
-    in_physical_space = dice(predicted, sitk.GetArrayViewFromImage(reference) > 0)
-    as_raw_arrays = dice(predicted, sitk.GetArrayViewFromImage(label) > 0)  # ignores the flip
-    # organ voxels, any organ; measured with the 4,200-iteration weights: 0.27 in physical space,
-    # 0.12 as raw arrays (a 40 mm slab is the shipped weights' weak point)
-    assert in_physical_space >= 0.2
+    labels = sitk.GetArrayViewFromImage(output)
+    expected = sitk.GetArrayViewFromImage(reference)
+    in_physical_space = dice(labels > 0, expected > 0)
+    as_raw_arrays = dice(labels > 0, sitk.GetArrayViewFromImage(label) > 0)  # ignores the flip
     assert in_physical_space >= 1.5 * as_raw_arrays
+    # issue 5's targets for this held-out slab; the shipped weights (SCN 14,300 iterations) with
+    # the partial-field-of-view crop rules scored liver 0.96, spleen 0.95
+    assert dice(labels == 1, expected == 1) >= 0.90
+    assert dice(labels == 3, expected == 3) >= 0.85
 
 
 # ---------------------------------------------------------------------------------------------
