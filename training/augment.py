@@ -29,8 +29,9 @@ class AugmentationRanges:
     intensity_shift: float = 0.2
     intensity_scale: float = 0.2
     # Ours, not the method's: partial-field-of-view slabs (SCN only). Inference keeps the whole z
-    # extent of a slab thinner than 200 mm and the body box across, which coarsens the crop
-    # spacing to about 3 mm and pads the crop above and below the slab; these samples show that.
+    # extent of a slab thinner than 200 mm and the body box across, at 2 mm where the crop stays
+    # small enough, else coarser (about 3 mm for a wide body), and extends the slab above and
+    # below by repeating its edge slices; these samples show that.
     slab_probability: float = 0.2
     slab_thickness_mm: tuple = (20.0, 160.0)
     slab_spacing_mm: tuple = (method.SEGMENTATION_SPACING_MM, 3.4)
@@ -119,8 +120,8 @@ def segmentation_sample(case, rng, crop_size_zyx, ranges=AugmentationRanges(),
     The crop centre lies in the training ROI (ground-truth box + 32 mm); with probability
     ``organ_centred`` it is a voxel of a randomly chosen organ instead, so small organs are seen
     often. With probability ``ranges.slab_probability`` the sample imitates a partial field of
-    view: a coarser spacing, and only a z-slab of the crop holds image, the rest is padding
-    with background labels.
+    view: a coarser spacing, and only a z-slab of the crop holds image; the rows beyond it repeat
+    the slab's edge rows and hold background labels.
     """
     parent = Grid.of(case.segmentation_image)
     low, high = case.roi_low_mm, case.roi_high_mm
@@ -143,10 +144,16 @@ def segmentation_sample(case, rng, crop_size_zyx, ranges=AugmentationRanges(),
                                   transform, rng, ranges)
     if slab:
         first, last = slab_rows(rng, crop_size_zyx[0], spacing, ranges.slab_thickness_mm)
-        padding = scale_intensity(np.float32(method.PADDING_HU))
-        image[:first], image[last:] = padding, padding
-        labels[:first], labels[last:] = 0, 0
+        keep_slab(image, labels, first, last)
     return image, labels
+
+
+def keep_slab(image, labels, first, last):
+    """In place: rows [first, last) stay; the rows beyond repeat the slab's edge rows, as at
+    inference (app.preprocessing.extend_partial_axes), and hold background labels (inference
+    pastes no labels from them)."""
+    image[:first], image[last:] = image[first], image[last - 1]
+    labels[:first], labels[last:] = 0, 0
 
 
 def slab_rows(rng, rows, spacing_mm, thickness_mm):
