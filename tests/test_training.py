@@ -1,4 +1,5 @@
-"""Training pieces: augmentation keeps image and labels aligned; a tiny run trains and exports."""
+"""Training pieces: augmentation keeps image and labels aligned; a tiny run trains and exports;
+a short run learns what held-out cases show."""
 
 import csv
 import json
@@ -139,6 +140,28 @@ def test_tiny_training_run_resumes_and_exports_exactly_the_model_variables(tmp_p
     assert scores and all(0.0 <= value <= 1.0 for value in scores.values())
     exported = tmp_path / "weights" / "segmentation.weights.h5"
     assert count_h5_values(exported) == method.SCN_PARAMETERS
+
+
+def test_a_short_localization_run_learns_what_held_out_cases_show(tmp_path):
+    """100 iterations on 8 generated cases: the loss falls and the EMA weights find the organs of
+    2 held-out generated cases. Measured on this 2-core CPU: loss 0.43 over the first 20
+    iterations, 0.22 over the last 20; held-out foreground DSC 0.04 at 50 iterations (the EMA
+    still near the initial weights), 0.59 at 100."""
+    from training.train import main
+
+    run = tmp_path / "run"
+    main(["--stage", "localization", "--run", str(run), "--generated", "8",
+          "--generated-size", "128", "--validation", "2", "--iterations", "100",
+          "--learning-rate", "1e-4", "--validate-every", "50", "--checkpoint-every", "1000",
+          "--precision", "float32", "--workers", "1"])
+    with open(run / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(row["loss"]) for row in rows]
+    assert losses[-1] < 0.8 * losses[0], losses
+    scores = [json.loads(row["validation"]) for row in rows if row["validation"]]
+    assert [row["iteration"] for row in rows if row["validation"]] == ["50", "100"]
+    first, last = (score["foreground_dsc"] for score in scores)
+    assert last >= 0.4 and last > first + 0.2, scores
 
 
 @pytest.fixture
