@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+import SimpleITK as sitk
 
 from app import method
 from app.geometry import Grid, centred_grid, image_centre_axis_mm
@@ -105,12 +105,9 @@ def body_mask(network_input):
     neighbours) of voxels above ``BODY_THRESHOLD_HU``. Arms lying apart from the trunk, the
     table and blankets are other regions, and every abdominal organ lies in the trunk."""
     above = np.asarray(network_input) > scale_intensity(BODY_THRESHOLD_HU)
-    regions, count = ndimage.label(above)
-    if count <= 1:
-        return above
-    sizes = np.bincount(regions.ravel(), minlength=count + 1)
-    sizes[0] = 0
-    return regions == int(np.argmax(sizes))
+    regions = sitk.ConnectedComponent(sitk.GetImageFromArray(above.astype(np.uint8)))
+    by_size = sitk.RelabelComponent(regions)  # 1 is the largest region
+    return sitk.GetArrayViewFromImage(by_size) == 1
 
 
 def roi_from_foreground(foreground, network_grid, image_grid, margin_mm=method.ROI_MARGIN_MM,
