@@ -120,8 +120,8 @@ def segmentation_sample(case, rng, crop_size_zyx, ranges=AugmentationRanges(),
     The crop centre lies in the training ROI (ground-truth box + 32 mm); with probability
     ``organ_centred`` it is a voxel of a randomly chosen organ instead, so small organs are seen
     often. With probability ``ranges.slab_probability`` the sample imitates a partial field of
-    view: a coarser spacing, and only a z-slab of the crop holds image; the rows beyond it repeat
-    the slab's edge rows and hold background labels.
+    view: a coarser spacing, and only a z-slab of the crop holds image; beyond it the image and
+    the labels repeat the slab's edge rows.
     """
     parent = Grid.of(case.segmentation_image)
     low, high = case.roi_low_mm, case.roi_high_mm
@@ -149,11 +149,15 @@ def segmentation_sample(case, rng, crop_size_zyx, ranges=AugmentationRanges(),
 
 
 def keep_slab(image, labels, first, last):
-    """In place: rows [first, last) stay; the rows beyond repeat the slab's edge rows, as at
-    inference (app.preprocessing.extend_partial_axes), and hold background labels (inference
-    pastes no labels from them)."""
+    """In place: rows [first, last) stay; beyond them the image and the labels repeat the slab's
+    edge rows, as inference extends a slab (app.preprocessing.extend_partial_axes; it pastes no
+    labels from those rows).
+
+    The labels repeat too: with background there (tried from SCN iteration 14,700 to 18,000) the
+    network learned to shrink every organ of a slab whose edge rows repeat, the held-out 40 mm
+    DICOM slab's liver DSC fell from 0.96 to 0.88 and its spleen's from 0.95 to 0.70."""
     image[:first], image[last:] = image[first], image[last - 1]
-    labels[:first], labels[last:] = 0, 0
+    labels[:first], labels[last:] = labels[first], labels[last - 1]
 
 
 def slab_rows(rng, rows, spacing_mm, thickness_mm):
