@@ -524,8 +524,8 @@ def test_the_real_dicom_series_is_segmented_where_its_label_says(tmp_path, predi
     in_physical_space = dice(labels > 0, expected > 0)
     as_raw_arrays = dice(labels > 0, sitk.GetArrayViewFromImage(label) > 0)  # ignores the flip
     assert in_physical_space >= 1.5 * as_raw_arrays
-    # issue 5's targets for this held-out slab; the shipped weights (SCN 14,300 iterations) with
-    # the partial-field-of-view crop rules scored liver 0.96, spleen 0.95
+    # issue 5's targets for this held-out slab; the shipped weights (SCN 20,000 iterations) with
+    # the partial-field-of-view crop rules score liver 0.96, spleen 0.94
     assert dice(labels == 1, expected == 1) >= 0.90
     assert dice(labels == 3, expected == 3) >= 0.85
 
