@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,11 +371,13 @@ def _spline(points, step_mm=4.0):
     return np.vstack(out), np.concatenate(params)
 
 
-def _tube(grid, points, radii, field=None, step_mm=4.0):
+def _tube(grid, points, radii, field=None, step_mm=4.0, squash=(1.0, 1.0, 1.0)):
     """Field of a tube of varying radius along a smooth curve through ``points``.
 
-    Each curve segment is evaluated only in its own small box, so long thin tubes stay cheap.
-    Returns a Field covering the tube's box (or None if it misses the grid).
+    ``squash`` (x, y, z), each >= 1, shortens the tube's reach along those axes: (1, 2, 1) gives
+    a ribbon half as thick front to back. Each curve segment is evaluated only in its own small
+    box, so long thin tubes stay cheap. Returns a Field covering the tube's box (or None if it
+    misses the grid).
     """
     curve, t = _spline(points, step_mm)
     radius = np.interp(t, np.arange(len(radii)), radii)
@@ -402,7 +405,8 @@ def _tube(grid, points, radii, field=None, step_mm=4.0):
         length2 = float(ab @ ab) + 1e-9
         dx, dy, dz = X - a[0], Y - a[1], Z - a[2]
         s = np.clip((dx * ab[0] + dy * ab[1] + dz * ab[2]) / length2, 0.0, 1.0)
-        dist = np.sqrt((dx - s * ab[0]) ** 2 + (dy - s * ab[1]) ** 2 + (dz - s * ab[2]) ** 2)
+        dist = np.sqrt((squash[0] * (dx - s * ab[0])) ** 2 + (squash[1] * (dy - s * ab[1])) ** 2
+                       + (squash[2] * (dz - s * ab[2])) ** 2)
         target = field.values[overlap[0]]
         np.maximum(target, (ra + s * (rb - ra)) - dist, out=target)
     return field
@@ -692,7 +696,7 @@ class Patient:
 
         self.target_ml = {"liver": u(1300, 2100), "spleen": u(115, 330),
                           "kidney_l": u(130, 190), "kidney_r": u(130, 190),
-                          "pancreas": u(58, 112)}
+                          "pancreas": u(45, 105)}
         self._organs(rng)
         self._vessels(rng)
         self._gut(rng)
@@ -702,6 +706,12 @@ class Patient:
         self.table = rng.random() < 0.8
         self.table_gap = u(2, 12)
         self.table_radius = u(500, 1200)
+        # Drawn last so that every earlier parameter of a seed stays as it was. The pancreas is a
+        # ribbon, thinner front to back than it is tall, and with age it shrinks and fat grows
+        # between its lobules: real CT shows a thin, mottled gland in fat far more often than a
+        # smooth round one.
+        self.pancreas_flatness = u(1.0, 2.2)
+        self.pancreas_fat = u(0.1, 0.45) if rng.random() < 0.6 else 0.0
 
     # -- spine ------------------------------------------------------------------------------------
 
@@ -1123,7 +1133,7 @@ class _Scene:
     def pancreas_field(self):
         p = self.p
         radii = p.pancreas_radii * p.pancreas_scale
-        f = _tube(self.grid, p.pancreas_points, radii)
+        f = _tube(self.grid, p.pancreas_points, radii, squash=(1.0, p.pancreas_flatness, 1.0))
         if f is None:
             return None
         # Lobulated outline: evaluate the tube at slightly displaced points.
@@ -1702,8 +1712,16 @@ def _paint_organs(scene: _Scene, hu, organs):
 
     pancreas = organs["pancreas"]
     if pancreas is not None:
-        lobules = scene.texture(pancreas.sl, 5.0, 8.0)
-        paint(hu, pancreas, H["pancreas"] + lobules)
+        value = H["pancreas"] + scene.texture(pancreas.sl, 5.0, 8.0)
+        if p.pancreas_fat > 0:
+            # Fat between the lobules: the top ``pancreas_fat`` share of a fine random field,
+            # soft-edged as partial volume makes it.
+            field = scene.texture(pancreas.sl, 4.0, 1.0)
+            if not np.isscalar(field):
+                threshold = statistics.NormalDist().inv_cdf(1.0 - p.pancreas_fat)
+                fat = np.clip((field - threshold) / 0.6 + 0.5, 0.0, 1.0)
+                value = value + 0.85 * fat * (H["visceral_fat"] - value)
+        paint(hu, pancreas, value)
 
     for side in ("kidney_l", "kidney_r"):
         f = organs[side]
