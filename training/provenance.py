@@ -4,7 +4,10 @@
         --segmentation-run runs/scn
 
 Reads each run folder's args.json, log.csv and latest checkpoint (whose iteration an export from
-the run holds; args.json's target may never have been reached). Keeps any ``scores`` already in
+the run holds; args.json's target may never have been reached). A network fine-tuned in a second
+run (``--init-weights`` from the first run's export) takes both folders, oldest first
+(``--segmentation-run runs/scn runs/scn_finetune``): iterations and wall time add up, the settings
+are the last run's, and ``runs`` lists each one. Keeps any ``scores`` already in
 weights.json (evaluation/score_weights.py --update writes them), its ``notes``, and per network
 the fields recorded by hand that the runs cannot tell (e.g. a learning-rate schedule across
 resumed runs).
@@ -79,11 +82,26 @@ def run_summary(run):
     }
 
 
+def chain_summary(runs):
+    """One network trained in consecutive runs, each starting from the previous one's export."""
+    summaries = [run_summary(run) for run in runs]
+    if len(summaries) == 1:
+        return summaries[0]
+    return {**summaries[-1],
+            "iterations": sum(s["iterations"] for s in summaries),
+            "training_wall_seconds": round(sum(s["training_wall_seconds"] for s in summaries), 1),
+            "runs": [{"run": run.name, **{k: s[k] for k in (
+                "iterations", "training_wall_seconds", "generated_training_cases",
+                "learning_rate", "precision")}} for run, s in zip(runs, summaries)]}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--localization-run", type=Path, required=True)
-    parser.add_argument("--segmentation-run", type=Path, required=True)
+    parser.add_argument("--localization-run", type=Path, nargs="+", required=True,
+                        help="run folder(s), oldest first when one fine-tuned the other")
+    parser.add_argument("--segmentation-run", type=Path, nargs="+", required=True,
+                        help="run folder(s), oldest first when one fine-tuned the other")
     parser.add_argument("--machine", default="2-core AMD EPYC CPU, no GPU")
     args = parser.parse_args(argv)
     path = args.weights / PROVENANCE
@@ -94,8 +112,8 @@ def main(argv=None):
         "machine": args.machine,
         "training_code": "training/train.py",
         "preprocessing": asdict(PreprocessingSettings()),
-        "localization": run_summary(args.localization_run),
-        "segmentation": run_summary(args.segmentation_run),
+        "localization": chain_summary(args.localization_run),
+        "segmentation": chain_summary(args.segmentation_run),
     }
     for network in ("localization", "segmentation"):
         recorded = previous.get(network, {})
