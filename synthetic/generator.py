@@ -706,8 +706,8 @@ class Patient:
         self.table = rng.random() < 0.8
         self.table_gap = u(2, 12)
         self.table_radius = u(500, 1200)
-        # Drawn last so that every earlier parameter of a seed stays as it was. The pancreas is a
-        # ribbon, thinner front to back than it is tall, and with age it shrinks and fat grows
+        # Drawn last so that the other parameters of a seed stay as they were (only the liver,
+        # carved around the pancreas, changes a little). The pancreas is a ribbon, thinner front to back than it is tall, and with age it shrinks and fat grows
         # between its lobules: real CT shows a thin, mottled gland in fat far more often than a
         # smooth round one.
         self.pancreas_flatness = u(1.0, 2.2)
