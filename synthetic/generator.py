@@ -707,9 +707,9 @@ class Patient:
         self.table_gap = u(2, 12)
         self.table_radius = u(500, 1200)
         # Drawn last so that the other parameters of a seed stay as they were (only the liver,
-        # carved around the pancreas, changes a little). The pancreas is a ribbon, thinner front to back than it is tall, and with age it shrinks and fat grows
-        # between its lobules: real CT shows a thin, mottled gland in fat far more often than a
-        # smooth round one.
+        # carved around the pancreas, changes a little). The pancreas is a ribbon, thinner front
+        # to back than it is tall, and with age it shrinks and fat grows between its lobules: real
+        # CT shows a thin, mottled gland in fat far more often than a smooth round one.
         self.pancreas_flatness = u(1.0, 2.2)
         self.pancreas_fat = u(0.1, 0.45) if rng.random() < 0.6 else 0.0
 
