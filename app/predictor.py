@@ -301,6 +301,16 @@ class Predictor:
         loc_grid = localization_grid(grid)
         return self.roi(self.localization_input(canonical, loc_grid), loc_grid, grid)
 
+    def segmentation_input(self, canonical, roi):
+        """(crop grid, scaled crop (z, y, x)) the SCN reads for ``roi`` of a canonical image."""
+        grid = Grid.of(canonical)
+        crop_grid = segmentation_grid(grid, roi)
+        sigma_mm = self.settings.segmentation_sigma_mm
+        source = extend_partial_axes(canonical, crop_grid, partial_fov_axes(grid),
+                                     crop_margin_mm(grid, sigma_mm))
+        return crop_grid, network_input(source, crop_grid, sigma_mm,
+                                        self.settings.crop_padding_hu, plain=self.plain)
+
     def predict(self, image):
         """Segment a CT (HU) image; returns a ``CaseResult`` whose uint8 labels lie on its grid."""
         seconds = {}
@@ -324,12 +334,7 @@ class Predictor:
         roi = self.roi(loc_input, loc_grid, grid)
         lap("localization_network")
 
-        crop_grid = segmentation_grid(grid, roi)
-        sigma_mm = self.settings.segmentation_sigma_mm
-        source = extend_partial_axes(canonical, crop_grid, partial_fov_axes(grid),
-                                     crop_margin_mm(grid, sigma_mm))
-        crop = network_input(source, crop_grid, sigma_mm, self.settings.crop_padding_hu,
-                             plain=self.plain)
+        crop_grid, crop = self.segmentation_input(canonical, roi)
         lap("segmentation_preprocessing")
         segment = self._network("segmentation")
         lap("segmentation_warm_up")

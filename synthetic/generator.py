@@ -1713,14 +1713,13 @@ def _paint_organs(scene: _Scene, hu, organs):
     pancreas = organs["pancreas"]
     if pancreas is not None:
         value = H["pancreas"] + scene.texture(pancreas.sl, 5.0, 8.0)
-        if p.pancreas_fat > 0:
+        if p.pancreas_fat > 0 and scene.rng is not None:  # no textures without a stream
             # Fat between the lobules: the top ``pancreas_fat`` share of a fine random field,
             # soft-edged as partial volume makes it.
             field = scene.texture(pancreas.sl, 4.0, 1.0)
-            if not np.isscalar(field):
-                threshold = statistics.NormalDist().inv_cdf(1.0 - p.pancreas_fat)
-                fat = np.clip((field - threshold) / 0.6 + 0.5, 0.0, 1.0)
-                value = value + 0.85 * fat * (H["visceral_fat"] - value)
+            threshold = statistics.NormalDist().inv_cdf(1.0 - p.pancreas_fat)
+            fat = np.clip((field - threshold) / 0.6 + 0.5, 0.0, 1.0)
+            value = value + 0.85 * fat * (H["visceral_fat"] - value)
         paint(hu, pancreas, value)
 
     for side in ("kidney_l", "kidney_r"):
@@ -1863,6 +1862,16 @@ def _noise(rng: np.random.Generator, shape_zyx, sigma: float):
         yield slice(z0, z1), block
 
 
+def _streams(seed):
+    """Independent random streams of a case: grid, patient, placement, textures, noise."""
+    return np.random.default_rng(seed).spawn(5)
+
+
+def patient_of(seed: int) -> Patient:
+    """The patient ``generate_case(seed)`` draws (before its organ volumes are calibrated)."""
+    return Patient(_streams(seed)[1])
+
+
 def generate_case(seed: int, geometry: CaseGeometry | None = None, in_plane_size: int = 512,
                   max_voxels: int | None = None) -> tuple[sitk.Image, sitk.Image]:
     """One synthetic case: (image int16 HU, label uint8) on exactly the same grid.
@@ -1871,8 +1880,7 @@ def generate_case(seed: int, geometry: CaseGeometry | None = None, in_plane_size
     is drawn with :func:`random_geometry` (``in_plane_size``, ``max_voxels``) from the same seed.
     The patient depends on the seed only; the grid only decides where the patient lies in it.
     """
-    root = np.random.default_rng(seed)
-    geometry_rng, patient_rng, place_rng, texture_rng, noise_rng = root.spawn(5)
+    geometry_rng, patient_rng, place_rng, texture_rng, noise_rng = _streams(seed)
     if geometry is None:
         geometry = random_geometry(geometry_rng, in_plane_size, max_voxels)
     patient = Patient(patient_rng)

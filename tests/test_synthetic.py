@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from scipy import ndimage
 
 from synthetic import LABELS, CaseGeometry, generate_case, random_geometry, write_case
-from synthetic.generator import Patient
+from synthetic.generator import patient_of
 from synthetic.__main__ import main as cli_main
 
 IDENTITY = np.eye(3)
@@ -133,7 +132,7 @@ def test_a_fatty_pancreas_is_mottled_with_fat_and_a_lean_one_is_not(seed):
     """Seeds 4, 6 and 8 draw fat between the pancreas's lobules (30-40 % of a fine random field),
     1, 3 and 10 none. Inside the gland (one voxel in from its edge) fat pulls a large share of
     voxels far below the gland's own HU; noise and texture alone leave almost none there."""
-    patient = Patient(np.random.default_rng(seed).spawn(5)[1])  # as generate_case draws it
+    patient = patient_of(seed)
     assert (patient.pancreas_fat > 0.3) == (seed in (4, 6, 8))
     geometry = grid(physical_size=(160, 130, 100), physical_spacing=(2.0, 2.0, 4.0))
     image, label = arrays(*generate_case(seed, geometry))
