@@ -694,7 +694,12 @@ class Patient:
         self.pelvis_a = u(100, 120) * self.s_lat
         self.pelvis_b = u(62, 78) * self.s_ap
 
-        self.target_ml = {"liver": u(1300, 2100), "spleen": u(115, 330),
+        # Splenomegaly (portal hypertension, blood diseases) is common among the patients of
+        # abdominal CT collections: one in five gets a spleen 1.6-3.5 times the normal volume.
+        # Its own stream, so that every other parameter of a seed stays as it was.
+        variants = np.random.default_rng([self.rng_seed, 1])
+        self.spleen_growth = variants.uniform(1.6, 3.5) if variants.random() < 0.2 else 1.0
+        self.target_ml = {"liver": u(1300, 2100), "spleen": u(115, 330) * self.spleen_growth,
                           "kidney_l": u(130, 190), "kidney_r": u(130, 190),
                           "pancreas": u(45, 105)}
         self._organs(rng)
@@ -812,6 +817,10 @@ class Patient:
         rows = _frame(inward, [0, -0.6, -0.8])  # e1 medial, e2 ~ anterior-inferior (long)
         rows = np.vstack([rows[1], rows[2], rows[0]])  # (long, width, thickness=medial)
         axes = np.array([u(50, 65), u(32, 44), u(17, 24)])
+        # An enlarged spleen stays against the ribs and the diaphragm: it grows forward, down
+        # and toward the middle, and its hilum (the pancreatic tail's end) moves with it.
+        growth = self.spleen_growth ** (1.0 / 3.0) - 1.0
+        center = center + growth * (0.6 * axes[0] * rows[0] + 0.8 * axes[2] * rows[2])
         self.spleen = _EllipsoidOrgan(center, rows, [(np.zeros(3), axes, np.eye(3))],
                                       warp=_Warp(rng, u(2, 6), (50, 120)), bend=u(0.004, 0.009))
 
@@ -855,7 +864,7 @@ class Patient:
         # Pancreas: curved tube from the head (by the duodenum) across the spine to the tail at
         # the splenic hilum.  Radii are scaled together to reach the target volume.
         jitter = lambda s=6: rng.normal(0, s, size=3)  # noqa: E731
-        spleen_hilum = self.spleen.center + self.spleen.rows[2] * axes[2] * 0.8
+        spleen_hilum = self.spleen.center + self.spleen.rows[2] * axes[2] * 0.8 * (1 + growth)
         base = np.array([0.0, 0.0, u(-15, 15)])
         self.pancreas_points = np.array([
             np.array([-36 * sl, 8 * sa, -58 * sz]) + jitter(4),  # uncinate

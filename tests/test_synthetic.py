@@ -116,7 +116,7 @@ def test_organ_volumes_and_each_kidney_over_seeds(seed):
     _, label = arrays(*generate_case(seed, geometry))
     volumes = volumes_ml(label, geometry)
     assert 1200 <= volumes["liver"] <= 2200, volumes
-    assert 100 <= volumes["spleen"] <= 350, volumes
+    assert 100 <= volumes["spleen"] / patient_of(seed).spleen_growth <= 350, volumes
     assert 40 <= volumes["pancreas"] <= 120, volumes
     # The patient's left (+x in LPS) and right kidneys, split at the spine.
     kidney = np.argwhere(label == LABELS["kidney"])
@@ -125,6 +125,20 @@ def test_organ_volumes_and_each_kidney_over_seeds(seed):
     voxel_ml = float(np.prod(geometry.spacing_mm)) / 1000.0
     for side in (x_mm < spine_x, x_mm >= spine_x):
         assert 100 <= side.sum() * voxel_ml <= 220, volumes
+
+
+@pytest.mark.parametrize("seed", [3, 24])
+def test_an_enlarged_spleen_reaches_its_volume_with_the_pancreatic_tail_at_its_hilum(seed):
+    patient = patient_of(seed)
+    assert patient.spleen_growth >= 1.6  # these seeds draw splenomegaly
+    geometry = grid(physical_spacing=(4.0, 4.0, 5.0), physical_size=(100, 100, 80))
+    _, label = arrays(*generate_case(seed, geometry))
+    volume = volumes_ml(label, geometry)["spleen"]
+    assert 0.9 <= volume / patient.target_ml["spleen"] <= 1.1, volume
+    assert volume >= 1.6 * 100
+    # The spleen grew forward and inward, not away from the gland: the tail still touches it.
+    to_spleen = ndimage.distance_transform_edt(label != LABELS["spleen"], sampling=(5.0, 4.0, 4.0))
+    assert to_spleen[label == LABELS["pancreas"]].min() <= 8.0
 
 
 @pytest.mark.parametrize("seed", [1, 3, 4, 6, 8, 10])
