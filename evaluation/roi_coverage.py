@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from app import method
 from app.geometry import Grid, to_canonical
+from app.io import read_dicom_series
 from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
 from synthetic import generate_case
 
@@ -61,13 +62,6 @@ def roi_coverage(predictor, image, labels):
     }
 
 
-def read_dicom_series(folder):
-    """The one DICOM series in ``folder`` as a SimpleITK image."""
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    return reader.Execute()
-
-
 def real_cases(shared_data=SHARED_DATA):
     """(name, image, labels) of the real CT in ../shared/data: NIfTI images and the DICOM case."""
     for image_path in sorted((shared_data / "images").glob("*_0000.nii.gz")):
@@ -77,7 +71,7 @@ def real_cases(shared_data=SHARED_DATA):
             yield name, sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path))
     dicom = shared_data / "dicom"
     if (dicom / "ts_dicom_slices").is_dir() and (dicom / "ts_dicom.nii.gz").is_file():
-        yield ("ts_dicom", read_dicom_series(dicom / "ts_dicom_slices"),
+        yield ("ts_dicom", read_dicom_series(dicom / "ts_dicom_slices")[0],
                sitk.ReadImage(str(dicom / "ts_dicom.nii.gz")))
 
 

@@ -22,8 +22,8 @@ import SimpleITK as sitk
 from app import method
 from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE, Predictor
 from evaluation.metrics import challenge_scores, same_grid
+from evaluation.roi_coverage import SHARED_DATA, labels_on_image_grid, real_cases
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TEST_SEED_OFFSET = 3_000_000
 
 
@@ -88,28 +88,13 @@ def format_scores(scores):
     return ", ".join(f"{k} DSC {v['dsc']:.3f} NSD {v['nsd']:.3f}" for k, v in scores.items())
 
 
-def read_dicom_series(folder):
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
-    return reader.Execute()
-
-
 def score_real(predictor):
     """DSC and NSD on the real CT of ../shared/data (labels compared in physical space)."""
     results = {}
-    example = SHARED_DATA / "images" / "ts_example_0000.nii.gz"
-    if example.is_file():
-        output = predictor.predict(sitk.ReadImage(str(example))).labels
-        reference = sitk.ReadImage(str(SHARED_DATA / "labels" / "ts_example.nii.gz"))
-        results["ts_example"] = organ_scores(output, reference)
-    dicom = SHARED_DATA / "dicom" / "ts_dicom_slices"
-    if dicom.is_dir():
-        output = predictor.predict(read_dicom_series(dicom)).labels
-        reference = sitk.ReadImage(str(SHARED_DATA / "dicom" / "ts_dicom.nii.gz"))
-        # the reference is stored with a flipped axis: bring it onto the prediction's grid
-        reference = sitk.Resample(reference, output, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                                  sitk.sitkUInt8)
-        results["ts_dicom"] = organ_scores(output, reference)
+    for name, image, reference in real_cases(SHARED_DATA):
+        output = predictor.predict(image).labels
+        # ts_dicom's labels are stored with a flipped axis: compare on the prediction's grid
+        results[name] = organ_scores(output, labels_on_image_grid(reference, output))
     for name, scores in results.items():
         print(f"real {name}: " + format_scores(scores))
     return results

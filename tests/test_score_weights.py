@@ -1,0 +1,46 @@
+"""evaluation.score_weights: DSC / NSD of a weights folder, written into its weights.json."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE
+from evaluation.score_weights import main, organ_scores
+
+
+def test_organ_scores_are_per_organ_of_the_reference_and_need_one_grid():
+    reference = np.zeros((6, 8, 8), np.uint8)
+    reference[1:5, 2:6, 2:6] = 1  # a liver cube; no other organ
+    prediction = reference.copy()
+    prediction[1:5, 2:6, 2:4] = 0  # half of it found
+    prediction[0, 0, 0] = 3  # a spleen the reference does not have: not scored
+    scores = organ_scores(sitk.GetImageFromArray(prediction), sitk.GetImageFromArray(reference))
+    assert list(scores) == ["liver"]
+    assert scores["liver"]["dsc"] == pytest.approx(2 * 32 / (64 + 32), abs=1e-4)
+    shifted = sitk.GetImageFromArray(prediction)
+    shifted.SetOrigin((0.5, 0.0, 0.0))
+    with pytest.raises(ValueError, match="different grids"):
+        organ_scores(shifted, sitk.GetImageFromArray(reference))
+
+
+def test_update_writes_the_scores_into_weights_json_and_keeps_the_rest(tmp_path, shared_data):
+    """One small generated case and the real CT: the shipped weights find the held-out slab's
+    liver and spleen; the record's other fields survive the update."""
+    weights = tmp_path / "weights"
+    shutil.copytree(DEFAULT_WEIGHTS_DIR, weights)
+    before = json.loads((weights / PROVENANCE).read_text())
+    assert main(["--weights", str(weights), "--cases", "1", "--in-plane-size", "96",
+                 "--update"]) == 0
+    after = json.loads((weights / PROVENANCE).read_text())
+    assert {k: v for k, v in after.items() if k != "scores"} == \
+        {k: v for k, v in before.items() if k != "scores"}
+    generated = after["scores"]["generated_unseen"]
+    assert generated["cases"] == 1 and generated["in_plane_size"] == 96
+    assert set(after["scores"]["real_ct"]) == {"ts_example", "ts_dicom"}
+    slab = after["scores"]["real_ct"]["ts_dicom"]
+    assert set(slab) == {"liver", "spleen", "pancreas"}  # no kidney in its field of view
+    assert slab["liver"]["dsc"] >= 0.9 and slab["spleen"]["dsc"] >= 0.85, slab
+    assert not list(weights.glob("*.partial"))
