@@ -3,8 +3,9 @@
     python -m evaluation.organ_probe [--weights DIR] [--seeds 1 2] [--in-plane-size 256]
 
 For the real CT of ../shared/data (when present) and generated cases, prints per labelled organ
-the HU median and 10th / 90th percentiles inside it (one voxel in from its edge in-plane, so that
-partial volume with the surrounding fat does not count), and the mean and highest probability the
+its volume (mL) and largest axial cross-section (cm2), the HU median and 10th / 90th percentiles
+inside it (one voxel in from its edge in-plane, so that partial volume with the surrounding fat
+does not count), and the mean and highest probability the
 SCN gives that organ's class at its labelled voxels on the SCN's crop (the crop the predictor
 uses, partial-field-of-view rules included). A low mean with a high maximum: the organ is seen
 but not trusted; a low maximum: it is not seen.
@@ -17,11 +18,26 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from app import method
 from app.geometry import to_canonical
 from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
 from evaluation.roi_coverage import generated_cases, labels_on_image_grid, real_cases
 
-ORGANS = {1: "liver", 2: "kidney", 3: "spleen", 4: "pancreas"}
+
+def organ_sizes(labels):
+    """{organ: (volume mL, largest axial cross-section cm2)}; axial: across the axis of the
+    labels' voxels that points closest to the patient's head-feet axis."""
+    canonical, _ = to_canonical(labels)
+    values = sitk.GetArrayViewFromImage(canonical)
+    spacing_x, spacing_y, spacing_z = canonical.GetSpacing()
+    result = {}
+    for value, organ in method.LABELS.items():
+        per_slice = (values == value).sum(axis=(1, 2))
+        if per_slice.any():
+            voxel_mm3 = spacing_x * spacing_y * spacing_z
+            result[organ] = (round(float(per_slice.sum()) * voxel_mm3 / 1000.0, 1),
+                             round(float(per_slice.max()) * spacing_x * spacing_y / 100.0, 1))
+    return result
 
 
 def hu_inside(image, labels):
@@ -29,7 +45,7 @@ def hu_inside(image, labels):
     in-plane; ``labels`` on the image's grid."""
     hu = sitk.GetArrayViewFromImage(image)
     result = {}
-    for value, organ in ORGANS.items():
+    for value, organ in method.LABELS.items():
         core = sitk.BinaryErode(sitk.Cast(labels == value, sitk.sitkUInt8), [1, 1, 0])
         inside = hu[sitk.GetArrayViewFromImage(core) > 0]
         if inside.size:
@@ -46,7 +62,7 @@ def probabilities_at_labels(predictor, image, labels):
         labels, crop_grid.reference(), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
         sitk.sitkUInt8))
     result = {}
-    for value, organ in ORGANS.items():
+    for value, organ in method.LABELS.items():
         at = probabilities[on_crop == value, value]
         if at.size:
             result[organ] = (round(float(at.mean()), 3), round(float(at.max()), 3))
@@ -55,7 +71,8 @@ def probabilities_at_labels(predictor, image, labels):
 
 def probe(predictor, image, labels):
     on_image = labels_on_image_grid(labels, image)
-    return {"hu_median_p10_p90": hu_inside(image, on_image),
+    return {"volume_ml_largest_section_cm2": organ_sizes(labels),
+            "hu_median_p10_p90": hu_inside(image, on_image),
             "probability_mean_max": probabilities_at_labels(predictor, image, labels)}
 
 

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from app import method
 from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE, Predictor
 from evaluation.metrics import challenge_scores, same_grid
-from evaluation.roi_coverage import SHARED_DATA, labels_on_image_grid, real_cases
+from evaluation.roi_coverage import labels_on_image_grid, real_cases
 
 TEST_SEED_OFFSET = 3_000_000
 
@@ -91,7 +91,7 @@ def format_scores(scores):
 def score_real(predictor):
     """DSC and NSD on the real CT of ../shared/data (labels compared in physical space)."""
     results = {}
-    for name, image, reference in real_cases(SHARED_DATA):
+    for name, image, reference in real_cases():
         output = predictor.predict(image).labels
         # ts_dicom's labels are stored with a flipped axis: compare on the prediction's grid
         results[name] = organ_scores(output, labels_on_image_grid(reference, output))

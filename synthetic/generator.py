@@ -696,7 +696,7 @@ class Patient:
 
         # Splenomegaly (portal hypertension, blood diseases) is common among the patients of
         # abdominal CT collections: one in five gets a spleen 1.6-3.5 times the normal volume.
-        # Its own stream, so that every other parameter of a seed stays as it was.
+        # Its own stream: the patients without it stay exactly as they were.
         variants = np.random.default_rng([self.rng_seed, 1])
         self.spleen_growth = variants.uniform(1.6, 3.5) if variants.random() < 0.2 else 1.0
         self.target_ml = {"liver": u(1300, 2100), "spleen": u(115, 330) * self.spleen_growth,

@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 
 from app.predictor import Predictor
-from evaluation.organ_probe import hu_inside, probabilities_at_labels
+from evaluation.organ_probe import hu_inside, organ_sizes, probabilities_at_labels
 from synthetic import generate_case
 
 
@@ -18,6 +18,19 @@ def test_hu_inside_leaves_out_the_organs_in_plane_rim():
     hu[:, 3:7, 3:7] = 40
     image, label_image = sitk.GetImageFromArray(hu), sitk.GetImageFromArray(labels)
     assert hu_inside(image, label_image) == {"pancreas": (40.0, 40.0, 40.0)}
+
+
+def test_organ_sizes_are_axial_whatever_the_voxel_axes():
+    """A spleen 20 x 30 mm in-plane and 40 mm tall (24 mL, 6 cm2 sections), stored coronally with
+    the head-feet axis as the image's y axis and flipped: its axial section is still 6 cm2."""
+    labels = np.zeros((10, 10, 10), np.uint8)  # (image z, y, x)
+    labels[2:5, 1:9, 2:6] = 3  # image x: 4 voxels, y: 8, z: 3
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((5.0, 5.0, 10.0))  # x, y (head-feet), z (front-back)
+    image.SetDirection((-1.0, 0, 0, 0, 0, 1.0, 0, -1.0, 0))
+    volume_ml, section_cm2 = organ_sizes(image)["spleen"]
+    assert volume_ml == pytest.approx(4 * 8 * 3 * 250 / 1000)
+    assert section_cm2 == pytest.approx(4 * 3 * 50 / 100)  # x by front-back, not x by head-feet
 
 
 @pytest.mark.parametrize("seed", [3])
