@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from training.provenance import main, training_seconds
 
 
@@ -73,3 +75,42 @@ def test_a_fine_tuned_network_adds_up_its_runs(tmp_path):
     assert [(r["run"], r["iterations"]) for r in segmentation["runs"]] == [("scn", 80),
                                                                           ("tune", 30)]
     assert "runs" not in json.loads((weights / "weights.json").read_text())["localization"]
+
+
+def test_extend_appends_a_run_to_the_recorded_chain_and_keeps_the_other_network(tmp_path):
+    """The earlier run folders are gone (a fresh machine): weights.json's chain is continued."""
+    write_run(tmp_path / "more", 30, ["10,0.6,8.0,", '30,0.5,20.0,"{""liver"": 0.97}"'])
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    localization = {"iterations": 40, "training_wall_seconds": 20.0, "precision": "float32"}
+    (weights / "weights.json").write_text(json.dumps({
+        "localization": localization, "notes": "hand note",
+        "segmentation": {"iterations": 110, "training_wall_seconds": 47.0, "export": "by hand",
+                         "runs": [{"run": "scn", "iterations": 80, "training_wall_seconds": 30.0},
+                                  {"run": "tune", "iterations": 30,
+                                   "training_wall_seconds": 17.0}]}}))
+    main(["--weights", str(weights), "--segmentation-run", str(tmp_path / "more"), "--extend"])
+    provenance = json.loads((weights / "weights.json").read_text())
+    segmentation = provenance["segmentation"]
+    assert segmentation["iterations"] == 140
+    assert segmentation["training_wall_seconds"] == 67.0
+    assert [(r["run"], r["iterations"]) for r in segmentation["runs"]] == [
+        ("scn", 80), ("tune", 30), ("more", 30)]
+    assert segmentation["last_validation"] == {"liver": 0.97}
+    assert segmentation["export"] == "by hand"
+    assert provenance["localization"] == localization and provenance["notes"] == "hand note"
+
+
+def test_extend_refuses_a_recorded_network_without_iterations(tmp_path, capsys):
+    write_run(tmp_path / "more", 30, ["30,0.5,20.0,"])
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "weights.json").write_text(json.dumps({
+        "localization": {"iterations": 40, "training_wall_seconds": 20.0},
+        "segmentation": {"learning_rate_schedule": "by hand"}}))
+    with pytest.raises(SystemExit):
+        main(["--weights", str(weights), "--segmentation-run", str(tmp_path / "more"),
+              "--extend"])
+    assert "records no iterations" in capsys.readouterr().err
+    assert json.loads((weights / "weights.json").read_text())["segmentation"] == {
+        "learning_rate_schedule": "by hand"}

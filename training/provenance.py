@@ -7,7 +7,10 @@ Reads each run folder's args.json, log.csv and latest checkpoint (whose iteratio
 the run holds; args.json's target may never have been reached). A network fine-tuned in a second
 run (``--init-weights`` from the first run's export) takes both folders, oldest first
 (``--segmentation-run runs/scn runs/scn_finetune``): iterations and wall time add up, the settings
-are the last run's, and ``runs`` lists each one. Keeps any ``scores`` already in
+are the last run's, and ``runs`` lists each one. With ``--extend``, the run folders given
+continue the network that weights.json already records (its own run folders may be gone, e.g. on
+a fresh machine): they are appended to its chain. A network given no run folder keeps its recorded
+entry. Keeps any ``scores`` already in
 weights.json (evaluation/score_weights.py --update writes them), its ``notes``, and per network
 the fields recorded by hand that the runs cannot tell (e.g. a learning-rate schedule across
 resumed runs).
@@ -82,28 +85,47 @@ def run_summary(run):
     }
 
 
-def chain_summary(runs):
-    """One network trained in consecutive runs, each starting from the previous one's export."""
+RUN_FIELDS = ("iterations", "training_wall_seconds", "generated_training_cases", "learning_rate",
+              "precision")
+
+
+def chain_summary(runs, recorded=None):
+    """One network trained in consecutive runs, each starting from the previous one's export.
+
+    ``recorded``: the network's entry in an existing weights.json that the first of ``runs``
+    continues; its ``runs`` list (or the entry itself, as one run) heads the chain.
+    """
     summaries = [run_summary(run) for run in runs]
-    if len(summaries) == 1:
+    chain = [{"run": run.name, **{k: s[k] for k in RUN_FIELDS}} for run, s in zip(runs, summaries)]
+    if recorded is not None:
+        if "iterations" not in recorded or "training_wall_seconds" not in recorded:
+            raise ValueError("--extend: weights.json records no iterations and wall time for "
+                             "the network to extend")
+        chain = recorded.get("runs", [{"run": "recorded", **{k: recorded.get(k) for k in
+                                                              RUN_FIELDS}}]) + chain
+    if len(chain) == 1:
         return summaries[0]
     return {**summaries[-1],
-            "iterations": sum(s["iterations"] for s in summaries),
-            "training_wall_seconds": round(sum(s["training_wall_seconds"] for s in summaries), 1),
-            "runs": [{"run": run.name, **{k: s[k] for k in (
-                "iterations", "training_wall_seconds", "generated_training_cases",
-                "learning_rate", "precision")}} for run, s in zip(runs, summaries)]}
+            "iterations": sum(r["iterations"] for r in chain),
+            "training_wall_seconds": round(sum(r["training_wall_seconds"] for r in chain), 1),
+            "runs": chain}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--localization-run", type=Path, nargs="+", required=True,
-                        help="run folder(s), oldest first when one fine-tuned the other")
-    parser.add_argument("--segmentation-run", type=Path, nargs="+", required=True,
-                        help="run folder(s), oldest first when one fine-tuned the other")
+    parser.add_argument("--localization-run", type=Path, nargs="+", default=[],
+                        help="run folder(s), oldest first when one fine-tuned the other; none: "
+                             "keep the recorded entry")
+    parser.add_argument("--segmentation-run", type=Path, nargs="+", default=[],
+                        help="run folder(s), oldest first when one fine-tuned the other; none: "
+                             "keep the recorded entry")
+    parser.add_argument("--extend", action="store_true",
+                        help="the run folders continue the networks weights.json records")
     parser.add_argument("--machine", default="2-core AMD EPYC CPU, no GPU")
     args = parser.parse_args(argv)
+    if not args.localization_run and not args.segmentation_run:
+        parser.error("give --localization-run or --segmentation-run (or both)")
     path = args.weights / PROVENANCE
     previous = json.loads(path.read_text()) if path.exists() else {}
     provenance = {
@@ -112,13 +134,21 @@ def main(argv=None):
         "machine": args.machine,
         "training_code": "training/train.py",
         "preprocessing": asdict(PreprocessingSettings()),
-        "localization": chain_summary(args.localization_run),
-        "segmentation": chain_summary(args.segmentation_run),
     }
-    for network in ("localization", "segmentation"):
+    for network, runs in (("localization", args.localization_run),
+                          ("segmentation", args.segmentation_run)):
         recorded = previous.get(network, {})
-        provenance[network] = {**{k: v for k, v in recorded.items() if k not in provenance[network]},
-                               **provenance[network]}
+        if not runs:
+            if not recorded:
+                parser.error(f"weights.json records no {network} network: give its run folder")
+            provenance[network] = recorded
+            continue
+        try:
+            summary = chain_summary(runs, recorded if args.extend else None)
+        except ValueError as error:
+            parser.error(f"{network}: {error}")
+        provenance[network] = {**{k: v for k, v in recorded.items() if k not in summary},
+                               **summary}
     for kept in ("notes", "scores"):
         if kept in previous:
             provenance[kept] = previous[kept]
