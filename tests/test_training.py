@@ -305,3 +305,12 @@ def test_sample_pipeline_is_ordered_and_resumes_at_any_iteration(phantom):
     expected_image, expected_labels = make_sample(np.random.default_rng([3, 4]))
     np.testing.assert_array_equal(uninterrupted[4][0][0, ..., 0], expected_image)
     np.testing.assert_array_equal(uninterrupted[4][1][0], expected_labels)
+
+
+def test_bfloat16_on_a_cpu_without_native_bfloat16_is_warned_about():
+    from training.train import precision_warning
+
+    assert "emulated" in precision_warning("bfloat16", on_gpu=False, cpu_has_bfloat16=False)
+    assert precision_warning("bfloat16", on_gpu=False, cpu_has_bfloat16=True) is None
+    assert precision_warning("bfloat16", on_gpu=True, cpu_has_bfloat16=False) is None
+    assert precision_warning("float32", on_gpu=False, cpu_has_bfloat16=False) is None
