@@ -311,6 +311,11 @@ class Predictor:
         return crop_grid, network_input(source, crop_grid, sigma_mm,
                                         self.settings.crop_padding_hu, plain=self.plain)
 
+    def segmentation_probabilities(self, crop):
+        """Stage 2 on a prepared crop (``segmentation_input``): the SCN's class probabilities,
+        float32 (z, y, x, classes)."""
+        return self._network("segmentation")(crop[None, ..., None]).numpy()[0]
+
     def predict(self, image):
         """Segment a CT (HU) image; returns a ``CaseResult`` whose uint8 labels lie on its grid."""
         seconds = {}

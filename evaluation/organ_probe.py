@@ -57,7 +57,7 @@ def probabilities_at_labels(predictor, image, labels):
     """{organ: (mean, max) SCN probability of its class at its labelled voxels on the crop}."""
     canonical, _ = to_canonical(image)
     crop_grid, crop = predictor.segmentation_input(canonical, predictor.localize(canonical))
-    probabilities = predictor._network("segmentation")(crop[None, ..., None]).numpy()[0]
+    probabilities = predictor.segmentation_probabilities(crop)
     on_crop = sitk.GetArrayFromImage(sitk.Resample(  # a copy: a view would outlive its image
         labels, crop_grid.reference(), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
         sitk.sitkUInt8))

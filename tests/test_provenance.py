@@ -114,3 +114,26 @@ def test_extend_refuses_a_recorded_network_without_iterations(tmp_path, capsys):
     assert "records no iterations" in capsys.readouterr().err
     assert json.loads((weights / "weights.json").read_text())["segmentation"] == {
         "learning_rate_schedule": "by hand"}
+
+
+def test_extend_counts_a_recorded_network_without_a_runs_list_as_one_run(tmp_path):
+    """weights.json written from a single run has no ``runs`` list: extending it makes the recorded
+    entry the chain's first run, named "recorded", with its own iterations and settings."""
+    write_run(tmp_path / "more", 30, ["30,0.5,20.0,"])
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "weights.json").write_text(json.dumps({
+        "localization": {"iterations": 40, "training_wall_seconds": 20.0},
+        "segmentation": {"iterations": 100, "training_wall_seconds": 55.5,
+                         "generated_training_cases": 8, "learning_rate": 5e-4,
+                         "precision": "float32"}}))
+    main(["--weights", str(weights), "--segmentation-run", str(tmp_path / "more"), "--extend"])
+    segmentation = json.loads((weights / "weights.json").read_text())["segmentation"]
+    assert segmentation["iterations"] == 130
+    assert segmentation["training_wall_seconds"] == 75.5
+    assert segmentation["runs"] == [
+        {"run": "recorded", "iterations": 100, "training_wall_seconds": 55.5,
+         "generated_training_cases": 8, "learning_rate": 5e-4, "precision": "float32"},
+        {"run": "more", "iterations": 30, "training_wall_seconds": 20.0,
+         "generated_training_cases": 4, "learning_rate": 2e-4, "precision": "bfloat16"}]
+    assert segmentation["learning_rate"] == 2e-4  # the settings are the last run's
