@@ -1,11 +1,12 @@
 """Training speed on this machine: network steps per second per stage and precision, and the
 throughput of the augmentation pipeline alone (which must outpace the network).
 
-    PYTHONPATH=. .venv/bin/python -m training.benchmark [--steps 10] [--samples 20]
+    PYTHONPATH=. .venv/bin/python -m training.benchmark [--steps 10] [--samples 20] [--no-network]
 
 The network step is the real one of training/train.py (loss, clipping, Adam, EMA) on a crop of the
 training size; its content does not change the arithmetic. The pipeline draws augmented samples
-from generated cases through the same tf.data pipeline as training.
+from generated cases through the same tf.data pipeline as training; those not yet in
+``--cache`` (all, without it) are generated and prepared first, and the seconds per case printed.
 """
 
 import argparse
@@ -28,6 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=20, help="timed augmented samples per stage")
     parser.add_argument("--workers", type=int, default=2,
                         help="parallel map calls of the pipeline, as in training")
+    parser.add_argument("--no-network", dest="network", action="store_false",
+                        help="skip the network steps: case preparation and the pipeline only")
     parser.add_argument("--cache", type=Path, default=None,
                         help="prepared-case cache to reuse (default: a temporary folder)")
     return parser.parse_args(argv)
@@ -88,12 +91,27 @@ def pipeline_samples_per_second(stage, cases, crop_size_zyx, samples, workers):
 
 
 def prepared_cases(cache, count=2):
+    """``count`` generated training cases, prepared into ``cache`` unless already there, and the
+    seconds per case of generating and of preparing (as training/train.py does) those that were
+    not (two lists, empty when every case came from the cache)."""
     from synthetic import generate_case
     from training.cases import prepare_case
     from training.store import cached
 
-    return [cached(cache, f"benchmark_{seed}", lambda s=seed: prepare_case(
-        f"benchmark_{s}", *generate_case(5_000_000 + s, in_plane_size=256))) for seed in range(count)]
+    generating, preparing = [], []
+
+    def generate_and_prepare(seed):
+        start = time.perf_counter()
+        image, labels = generate_case(5_000_000 + seed, in_plane_size=256)
+        generating.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        case = prepare_case(f"benchmark_{seed}", image, labels)
+        preparing.append(time.perf_counter() - start)
+        return case
+
+    cases = [cached(cache, f"benchmark_{seed}", lambda s=seed: generate_and_prepare(s))
+             for seed in range(count)]
+    return cases, generating, preparing
 
 
 def main(argv=None):
@@ -101,15 +119,19 @@ def main(argv=None):
     import os
 
     print(f"CPU cores: {os.cpu_count()}; crop {tuple(args.crop_size)} (z, y, x)")
-    print("| stage | precision | s / step | steps / s | finite loss |")
-    print("|---|---|---|---|---|")
-    for stage in args.stages:
+    if args.network:
+        print("| stage | precision | s / step | steps / s | finite loss |")
+        print("|---|---|---|---|---|")
+    for stage in args.stages if args.network else ():
         for precision in args.precisions:
             seconds, finite = network_seconds_per_step(stage, precision, args.crop_size, args.steps)
             print(f"| {stage} | {precision} | {seconds:.2f} | {1 / seconds:.2f} | {finite} |",
                   flush=True)
     with tempfile.TemporaryDirectory() as temporary:
-        cases = prepared_cases(args.cache or Path(temporary))
+        cases, generating, preparing = prepared_cases(args.cache or Path(temporary))
+        if preparing:
+            print(f"\nper generated case (256 x 256 in plane), {len(preparing)} cases: generation "
+                  f"{np.mean(generating):.2f} s, preparation for training {np.mean(preparing):.2f} s")
         print(f"\n| stage | augmented samples / s ({args.workers} parallel calls) |")
         print("|---|---|")
         for stage in args.stages:
