@@ -10,6 +10,7 @@ from generated cases through the same tf.data pipeline as training; those not ye
 """
 
 import argparse
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -122,8 +123,7 @@ def main(argv=None):
     if args.network:
         print("| stage | precision | s / step | steps / s | finite loss |")
         print("|---|---|---|---|---|")
-    for stage in args.stages if args.network else ():
-        for precision in args.precisions:
+        for stage, precision in itertools.product(args.stages, args.precisions):
             seconds, finite = network_seconds_per_step(stage, precision, args.crop_size, args.steps)
             print(f"| {stage} | {precision} | {seconds:.2f} | {1 / seconds:.2f} | {finite} |",
                   flush=True)
