@@ -4,6 +4,7 @@ the cache, and the pipeline alone (--no-network) delivers samples."""
 import re
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from training import benchmark
@@ -30,3 +31,12 @@ def test_pipeline_only_run_prints_preparation_and_sample_rate(tmp_path, capsys):
     assert seconds and float(seconds.group(1)) > 0 and float(seconds.group(2)) > 0
     rate = re.search(r"^\| segmentation \| ([0-9.]+) \|$", printed, re.MULTILINE)
     assert rate and float(rate.group(1)) > 0
+
+
+def test_help_describes_both_measurements_in_full(capsys):
+    with pytest.raises(SystemExit) as done:
+        benchmark.parse_args(["--help"])
+    assert done.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert ("network steps per second per stage and precision, and the throughput of the "
+            "augmentation pipeline alone (which must outpace the network).") in printed

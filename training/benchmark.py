@@ -21,7 +21,7 @@ from training.train import PRECISIONS
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--stages", nargs="+", default=["localization", "segmentation"])
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
                         choices=PRECISIONS, help="float16 (loss scaling) is meant for GPUs")
