@@ -1089,6 +1089,10 @@ class _Scene:
         self.fields: dict[str, Field | None] = {}
         self._cavity = None
         self._texture = None
+        # Structures taken from a real label map (synthetic.anatomy), by scene name: painted as
+        # they are and never carved; procedural structures keep clear of ``keep_clear``.
+        self.real: dict[str, Field] = {}
+        self.keep_clear: list[tuple[Field, float]] = []
         # Smooth fields are computed every `factor` points when the grid is fine.
         self.factor = 2 if grid.spacing.max() < 3.5 else 1
 
@@ -1206,6 +1210,24 @@ class _Scene:
         self.fields.update(out)
         return out
 
+    def kidney_interior(self, side: str, f: Field) -> np.ndarray:
+        """HU inside a kidney on its field's block: cortex, medullary pyramids, sinus fat and
+        the collecting system, laid out in the procedural kidney's own frame."""
+        H, organ = self.p.hu, self.p.kidneys[side]
+        Z, Y, X = self.grid.coords(f.sl)
+        u, v, w = organ.local(X, Y, Z)
+        (cu, cv, cw), (au, av, aw) = organ.sinus
+        sinus = _ellipsoid(u - cu, v - cv, w - cw, au, av, aw)
+        pelvis = _ellipsoid(u - cu - 0.3 * au, v - cv, w - cw, au * 0.6, av * 0.45, aw * 0.6)
+        depth = f.values
+        # Medullary pyramids between cortical columns around the long axis.
+        angle = np.arctan2(w, u)
+        pyramids = (depth > organ.cortex_mm) & (np.cos(7 * angle + 0.7 * v / av) < 0.55)
+        value = np.where(pyramids, H["medulla"], H["cortex"]).astype(np.float32)
+        sinus_mix = _ramp(sinus, 3.0)
+        value = value + sinus_mix * (H["sinus_fat"] - value)
+        return value + _ramp(pelvis, 3.0) * (H["pelvis"] - value)
+
     # -- painting ---------------------------------------------------------------------------------
 
     def paint(self, hu, field: Field | None, value, offset_mm=0.0, within: Field | None = None):
@@ -1240,10 +1262,15 @@ class _Scene:
                                          correlation_mm)
 
 
-def _render(patient: Patient, grid: Grid, rng: np.random.Generator, body_box):
-    """HU map (z, y, x) float32 and the labelled organ fields on ``grid``."""
+def _render(patient: Patient, grid: Grid, rng: np.random.Generator, body_box,
+            scene: _Scene | None = None):
+    """HU map (z, y, x) float32 and the labelled organ fields on ``grid``.
+
+    ``scene`` may bring real structures (a scene of synthetic.anatomy); by default everything is
+    procedural.
+    """
     p, H = patient, patient.hu
-    scene = _Scene(patient, grid, rng)
+    scene = scene or _Scene(patient, grid, rng)
     hu = np.full(grid.shape, -1000.0, np.float32)
     full = grid.full()
 
@@ -1590,7 +1617,8 @@ def _paint_gut(scene: _Scene, hu, organs):
               (scene.vessel("ivc"), 1.0), (scene.vessel("smv"), 1.0),
               (scene.vessel("splenic_vein"), 1.0), (scene.vessel("portal"), 1.0)]
     avoid += [(scene.fields.get(f"psoas_{s}"), 1.0) for s in (1, -1)]
-    avoid += [(scene.fields.get("spine"), 2.0)]
+    avoid += [(scene.fields.get("spine"), 2.0)] + scene.keep_clear
+    real = scene.real
 
     def prepared(field, clip_diaphragm=4.0, extra=()):
         if field is None:
@@ -1639,32 +1667,45 @@ def _paint_gut(scene: _Scene, hu, organs):
         return np.where(Y < level, -1000.0, base).astype(np.float32)
 
     # Stomach (with the oesophagus coming down), duodenum.
-    stomach = prepared(_tube(grid, p.stomach, p.stomach_radii), clip_diaphragm=4.0)
+    stomach = real.get("stomach") or prepared(_tube(grid, p.stomach, p.stomach_radii),
+                                              clip_diaphragm=4.0)
     if stomach is not None:
         kind = {"fluid": "fluid", "food": "food", "gas": "fluid", "collapsed": "fluid"}[
             p.stomach_content]
         gas = {"fluid": 0.15, "food": 0.1, "gas": 0.7, "collapsed": 0.0}[p.stomach_content]
         wall = 7.0 if p.stomach_content == "collapsed" else 4.0
         paint_lumen(stomach, wall, H["bowel_wall"], content(stomach, kind, gas))
-    scene.paint(hu, _tube(grid, p.oesophagus, [8, 8, 9, 10]), H["muscle"])
-    duodenum = prepared(_tube(grid, p.duodenum, [p.duodenum_r] * len(p.duodenum)),
-                        extra=[(stomach, 1.0)])
+    scene.paint(hu, real.get("oesophagus") or _tube(grid, p.oesophagus, [8, 8, 9, 10]),
+                H["muscle"])
+    duodenum = real.get("duodenum") or prepared(
+        _tube(grid, p.duodenum, [p.duodenum_r] * len(p.duodenum)), extra=[(stomach, 1.0)])
     paint_lumen(duodenum, 3.0, H["bowel_wall"], content(duodenum, "fluid", 0.1)
                 if duodenum is not None else 0)
-    colon = prepared(_tube(grid, p.colon, p.colon_radii), extra=[(stomach, 2.0),
-                                                                (duodenum, 2.0)])
+    colon = real.get("colon") or prepared(_tube(grid, p.colon, p.colon_radii),
+                                          extra=[(stomach, 2.0), (duodenum, 2.0)])
     if colon is not None:
         paint_lumen(colon, 2.5, H["bowel_wall"], content(colon, "faeces", 0))
-    bladder = scene.organ_field(p.bladder, clip_cavity=None, clip_diaphragm=None)
+    bladder = real.get("bladder")
+    if bladder is None:
+        bladder = scene.organ_field(p.bladder, clip_cavity=None, clip_diaphragm=None)
+        if bladder is not None:
+            prepared(bladder, clip_diaphragm=None, extra=[(colon, 2.0)])
     if bladder is not None:
         Z, Y, X = grid.coords(bladder.sl)
-        urine = H["bladder"] if p.phase != "delayed" else np.where(
-            Y > p.bladder.center[1] + 10, H["bladder"], 10.0)
-        prepared(bladder, clip_diaphragm=None, extra=[(colon, 2.0)])
+        # Contrast from the ureters sinks to the back of the bladder in the delayed phase.
+        back = grid.y[bladder.sl[1]].mean() + 10 if "bladder" in real else p.bladder.center[1] + 10
+        urine = H["bladder"] if p.phase != "delayed" else np.where(Y > back, H["bladder"], 10.0)
         paint_lumen(bladder, 2.5, H["muscle"], urine)
 
     # Small bowel: tubes where two smooth random fields are both near zero, filling the space
     # left in the lower and middle abdomen.
+    if "small_bowel" in real:
+        bowel = real["small_bowel"]
+        gas = _smooth_noise(rng, _shape_of(bowel.sl), grid.spacing, 25.0)
+        fluid = p.oral_hu if p.oral_contrast else H["bowel_fluid"]
+        lumen = np.where(gas > 2.2 - 2.5 * p.bowel_params["gas"], -1000.0, fluid)
+        paint_lumen(bowel, 2.5, H["bowel_wall"], lumen.astype(np.float32))
+        return
     top = min(p.pancreas_points[:, 2].min() + 20, p.dome_l[0] - 110)
     sl = grid.box((-160, -200, p.hip_z - 10), (160, 60, top))
     if sl is not None:
@@ -1690,7 +1731,8 @@ def _paint_organs(scene: _Scene, hu, organs):
     paint = scene.paint
 
     # Adrenals first (lowest priority: organs are painted over them).
-    for adrenal in p.adrenals:
+    paint(hu, scene.real.get("adrenal"), H["adrenal"])
+    for adrenal in p.adrenals if "adrenal" not in scene.real else ():
         f = scene.organ_field(adrenal, clip_cavity=None, clip_diaphragm=3)
         if f is not None:
             for k in ("liver", "kidney_l", "kidney_r", "spleen", "pancreas"):
@@ -1735,21 +1777,7 @@ def _paint_organs(scene: _Scene, hu, organs):
         f = organs[side]
         if f is None:
             continue
-        organ = p.kidneys[side]
-        Z, Y, X = grid.coords(f.sl)
-        u, v, w = organ.local(X, Y, Z)
-        (cu, cv, cw), (au, av, aw) = organ.sinus
-        sinus = _ellipsoid(u - cu, v - cv, w - cw, au, av, aw)
-        pelvis = _ellipsoid(u - cu - 0.3 * au, v - cv, w - cw, au * 0.6, av * 0.45, aw * 0.6)
-        depth = f.values
-        # Medullary pyramids between cortical columns around the long axis.
-        angle = np.arctan2(w, u)
-        pyramids = (depth > organ.cortex_mm) & (np.cos(7 * angle + 0.7 * v / av) < 0.55)
-        value = np.where(pyramids, H["medulla"], H["cortex"]).astype(np.float32)
-        sinus_mix = _ramp(sinus, 3.0)
-        value = value + sinus_mix * (H["sinus_fat"] - value)
-        value = value + _ramp(pelvis, 3.0) * (H["pelvis"] - value)
-        paint(hu, f, value + scene.texture(f.sl, 14.0, 3.0))
+        paint(hu, f, scene.kidney_interior(side, f) + scene.texture(f.sl, 14.0, 3.0))
 
 
 def _paint_streaks(scene: _Scene, hu):
@@ -1897,13 +1925,28 @@ def generate_case(seed: int, geometry: CaseGeometry | None = None, in_plane_size
     offset = _place(patient, geometry, place_rng)
     grid, physical_spacing = _coarse_grid(geometry, offset)
 
+    body_box = _body_box(patient, grid)
+    hu, organs, _ = _render(patient, grid, texture_rng, body_box)
+    image = _scan(hu, patient, grid, geometry, offset, physical_spacing, noise_rng)
+    del hu
+    label = _organ_labels(organs, grid, geometry, offset)
+    return image, geometry.apply_to(sitk.GetImageFromArray(label))
+
+
+def _body_box(patient: Patient, grid: Grid):
+    """Box (lo, hi) in the patient frame that holds the body (skin and all) on ``grid``'s z."""
     a_max = float(np.max(patient.section(grid.z)[0]))
     layers = [float(np.max(v)) for v in patient.layers(grid.z)]
     half_w = a_max + layers[0] + layers[4] + 10
     b_ant = float(np.max(patient.section(grid.z)[1])) + layers[1] + layers[3] + 10
     b_post = float(np.max(patient.section(grid.z)[2])) + layers[2] + layers[5] + 10
-    body_box = ((-half_w, -b_ant, -1e4), (half_w, b_post, 1e4))
-    hu, organs, _ = _render(patient, grid, texture_rng, body_box)
+    return (-half_w, -b_ant, -1e4), (half_w, b_post, 1e4)
+
+
+def _scan(hu: np.ndarray, patient: Patient, grid: Grid, geometry: CaseGeometry, offset,
+          physical_spacing, noise_rng) -> sitk.Image:
+    """The scanner's image (int16 HU on ``geometry``) of the coarse HU map ``hu``: partial
+    volume of the output voxels, the reconstruction circle, quantum noise. Modifies ``hu``."""
     hu += np.float32(patient.hu_offset)
     _partial_volume(hu, grid, physical_spacing)
     if patient.circle_padding:
@@ -1915,25 +1958,29 @@ def generate_case(seed: int, geometry: CaseGeometry | None = None, in_plane_size
                    > radius ** 2)
         hu[:, outside] = _PADDING_HU
 
-    size = geometry.size
-    full = _resample(_to_image(hu, grid, grid.full(), offset), geometry, (0, 0, 0), size,
-                     _PADDING_HU, sitk.sitkInt16)
-    del hu
+    full = _resample(_to_image(hu, grid, grid.full(), offset), geometry, (0, 0, 0),
+                     geometry.size, _PADDING_HU, sitk.sitkInt16)
     clean = sitk.GetArrayViewFromImage(full)
     pixels = np.empty(clean.shape, np.int16)
     for sl, noise in _noise(noise_rng, clean.shape, patient.noise_sigma):
         np.add(clean[sl], noise, out=pixels[sl])
         np.clip(pixels[sl], HU_MIN, HU_MAX, out=pixels[sl])
     del full, clean
-    image = geometry.apply_to(sitk.GetImageFromArray(pixels))
+    return geometry.apply_to(sitk.GetImageFromArray(pixels))
 
-    label = np.zeros(pixels.shape, np.uint8)
-    size_arr = np.asarray(size)
-    # Lowest priority first: later organs win wherever interpolation makes two overlap.
-    for name, value in (("pancreas", 4), ("liver", 1), ("spleen", 3), ("kidney_l", 2),
-                        ("kidney_r", 2)):
+
+# Lowest priority first: later organs win wherever interpolation makes two overlap.
+_LABEL_ORDER = (("pancreas", 4), ("liver", 1), ("spleen", 3), ("kidney_l", 2), ("kidney_r", 2))
+
+
+def _organ_labels(organs: dict, grid: Grid, geometry: CaseGeometry, offset,
+                  names=None) -> np.ndarray:
+    """Label array (z, y, x) uint8 on ``geometry`` of the organ fields (all, or ``names``)."""
+    size_arr = np.asarray(geometry.size)
+    label = np.zeros(tuple(int(v) for v in size_arr[::-1]), np.uint8)
+    for name, value in _LABEL_ORDER:
         field = organs.get(name)
-        if field is None:
+        if field is None or (names is not None and name not in names):
             continue
         # Resample only around the organ itself (its block has room for the worst case).
         inside = field.values > -2 * grid.spacing.max()
@@ -1958,8 +2005,7 @@ def generate_case(seed: int, geometry: CaseGeometry | None = None, in_plane_size
         inside = sitk.GetArrayViewFromImage(values) > 0
         region = label[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]]
         region[inside] = value
-    label_image = geometry.apply_to(sitk.GetImageFromArray(label))
-    return image, label_image
+    return label
 
 
 def write_case(out_dir: str | Path, name: str, seed: int, **kwargs) -> tuple[Path, Path]:
