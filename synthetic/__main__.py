@@ -2,11 +2,17 @@
 
     python -m synthetic --out DIR --cases N --seed S [--prefix case] [--start 0]
                         [--size X Y Z] [--spacing X Y Z] [--direction identity]
+    python -m synthetic --anatomy MAP_OR_FOLDER --out DIR --cases N --seed S
+                        [--grid random|map] [--no-augment]
 
 Case i is named PREFIX_%04d (i counted from --start) and generated from seed S + i, so any
 case can be regenerated alone.  Without --size each case's grid is drawn at random from its seed
 (as for training); with --size every case gets that grid (SimpleITK axis order), centred on the
 scanner isocentre, with the chosen --direction.
+
+With --anatomy each case is drawn around a real patient's organ label map (synthetic.anatomy): a
+file, or a folder whose maps the cases take in turn by seed (seed modulo the number of maps). The
+grid is drawn from the seed and moved into the map's range, or is the map's own (--grid map).
 """
 
 from __future__ import annotations
@@ -59,6 +65,12 @@ def parse_args(argv=None):
                         help="in-plane voxels of random grids (default 512)")
     parser.add_argument("--max-voxels", type=int, default=None,
                         help="cap on the voxels of random grids")
+    parser.add_argument("--anatomy", type=Path, default=None,
+                        help="a real label map, or a folder of them (with anatomy.json)")
+    parser.add_argument("--grid", choices=("random", "map"), default="random",
+                        help="with --anatomy: a grid drawn from the seed, or the map's own")
+    parser.add_argument("--no-augment", action="store_true",
+                        help="with --anatomy: no scaling, rotation or deformation of the anatomy")
     args = parser.parse_args(argv)
     if args.cases < 0:
         parser.error("--cases must be >= 0")
@@ -70,6 +82,10 @@ def parse_args(argv=None):
         parser.error("--size values must be positive")
     if args.size is None and args.direction not in (None, "random"):
         parser.error("--direction other than random needs --size")
+    if args.anatomy is None and (args.grid != "random" or args.no_augment):
+        parser.error("--grid and --no-augment need --anatomy")
+    if args.anatomy is not None and args.grid == "map" and args.size is not None:
+        parser.error("--grid map and --size exclude each other")
     return args
 
 
@@ -106,6 +122,8 @@ def case_geometry(args, seed: int) -> CaseGeometry | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.anatomy is not None:
+        return anatomy_main(args)
     for i in range(args.cases):
         seed = args.seed + i
         name = f"{args.prefix}_{args.start + i:04d}"
@@ -116,6 +134,35 @@ def main(argv=None) -> int:
         image_path, label_path = write_case(args.out, name, seed, **kwargs)
         seconds = time.perf_counter() - start
         print(f"{name}: seed {seed} -> {image_path} {label_path} ({seconds:.1f} s)", flush=True)
+    return 0
+
+
+def anatomy_main(args) -> int:
+    from synthetic import anatomy
+
+    try:
+        anatomy.list_maps(args.anatomy)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for i in range(args.cases):
+        seed = args.seed + i
+        name = f"{args.prefix}_{args.start + i:04d}"
+        start = time.perf_counter()
+        try:
+            label_map = anatomy.read_label_map(anatomy.map_for_seed(args.anatomy, seed))
+        except (OSError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        geometry = "map" if args.grid == "map" else case_geometry(args, seed)
+        info = {}
+        image_path, label_path = anatomy.write_case(
+            args.out, name, label_map, seed, geometry=geometry, augment=not args.no_augment,
+            in_plane_size=args.in_plane_size, max_voxels=args.max_voxels, info=info)
+        seconds = time.perf_counter() - start
+        print(f"{name}: seed {seed}, map {label_map.name} ({info['phase']}; real "
+              f"{', '.join(info['real_organs'])}; drawn {', '.join(info['drawn_organs']) or '-'})"
+              f" -> {image_path} {label_path} ({seconds:.1f} s)", flush=True)
     return 0
 
 
