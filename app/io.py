@@ -10,19 +10,21 @@ Three verbs, used by the command line (app/cli.py) and usable on their own:
 
 What counts as a case in a folder (not recursive; names starting with "." are ignored):
 
-1. FLARE mode: if the folder holds any ``NAME_0000.nii.gz``, exactly those are the cases (case
-   ``NAME``, output ``NAME.nii.gz``) and everything else in it is ignored, as the challenge's
-   contract says.
-2. Otherwise every ``.nii.gz``, ``.nii``, ``.mha``, ``.mhd`` and ``.nrrd`` file is a case named
-   after the file without its suffix (a ``.mhd`` header counts once; its ``.raw``/``.zraw`` data
-   file is not a case), and every subfolder that holds DICOM files is a case named after the
-   subfolder. DICOM files directly in the input folder form one more case named after the folder.
-   Files of other types are ignored.
+1. Every ``.nii.gz``, ``.nii``, ``.mha``, ``.mhd`` and ``.nrrd`` file (suffixes in any case) is a
+   case, and every subfolder that holds DICOM files. DICOM files directly in the input folder
+   form one more case named after the folder.
+2. Names follow the FLARE rule where they can: ``NAME_0000.<suffix>`` (or a DICOM folder
+   ``NAME_0000``) is case ``NAME`` with output ``NAME.nii.gz``; any other image is named after
+   the file without its suffix. Where case ``NAME`` exists, a file ``NAME_0001`` (and the other
+   channels) and a file ``NAME.<suffix>`` (its label, as FLARE folders hold them) are not cases.
 3. A file or folder is DICOM when it carries the "DICM" preamble marker or ends in ``.dcm``;
    reading it takes the one series ``sitk.ImageSeriesReader`` finds (several series in one folder
    are an error naming them: one series per folder).
-4. Two inputs with the same case name (``a.nii`` and ``a.mha``) would write the same output file:
-   both fail, named, and the others go on.
+4. Two inputs with the same case name (``a.nii`` and ``a.mha``; ``a_0000.nii`` and
+   ``a_0000.nii.gz``) would write the same output file: both fail, named, and the others go on.
+5. Every other visible entry is listed by ``survey`` with the reason it is not a case: not an
+   image, a dangling link, a folder without DICOM files, a folder named like an image, a second
+   channel, a label. (A ``.raw``/``.zraw`` beside its ``.mhd`` is part of that case.)
 
 Array axis order follows SimpleITK: sizes and spacings (x, y, z); NumPy views (z, y, x).
 """
@@ -30,6 +32,7 @@ Array axis order follows SimpleITK: sizes and spacings (x, y, z); NumPy views (z
 import gzip
 import math
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -123,32 +126,105 @@ def holds_dicom(folder):
         return False
 
 
-def find_cases(input_dir):
-    """The cases in ``input_dir`` (rules in the module docstring), sorted by case name.
+@dataclass(frozen=True)
+class Skipped:
+    """A visible entry of the input folder that is not a case, and why."""
 
-    Raises FileNotFoundError if the folder does not exist; returns [] when it holds no case.
-    """
+    path: Path
+    reason: str
+
+
+FLARE_CHANNEL = re.compile(r"(.+)_(\d{4})")  # NAME_0000: channel 0000 of case NAME
+MHD_DATA_SUFFIXES = (".raw", ".zraw")
+SUPPORTED = "supported: .nii.gz, .nii, .mha, .mhd, .nrrd files and DICOM series folders"
+
+
+def check_input_folder(input_dir):
+    """Raise FileNotFoundError (missing) or NotADirectoryError (a file) for a bad input path."""
     input_dir = Path(input_dir)
-    if not input_dir.is_dir():
-        raise FileNotFoundError(f"{input_dir}: input folder does not exist")
+    if input_dir.is_dir():
+        return input_dir
+    if input_dir.exists():
+        raise NotADirectoryError(f"{input_dir}: is a file, not a folder: give the folder that "
+                                 "holds the images (every image in it is segmented)")
+    raise FileNotFoundError(f"{input_dir}: input folder does not exist")
+
+
+def survey(input_dir):
+    """(cases, skipped): the cases in ``input_dir`` (rules in the module docstring), sorted by
+    case name, and every other visible entry as a ``Skipped`` with its reason, sorted by name.
+    """
+    input_dir = check_input_folder(input_dir)
     visible = sorted(entry for entry in input_dir.iterdir() if not entry.name.startswith("."))
-    flare = [entry for entry in visible if entry.name.endswith(FLARE_SUFFIX) and entry.is_file()]
-    if flare:
-        return [Case(entry.name[: -len(FLARE_SUFFIX)], entry, "nii.gz") for entry in flare]
-    cases, loose_dicom = [], False
+    found, skipped, loose_dicom = [], [], False  # found: (stem, path, format)
     for entry in visible:
-        if entry.is_dir():
-            if holds_dicom(entry):
-                cases.append(Case(entry.name, entry, DICOM))
+        if entry.is_symlink() and not entry.exists():
+            skipped.append(Skipped(entry, f"a dangling symbolic link (to {os.readlink(entry)})"))
+        elif entry.is_dir():
+            if image_format(entry.name):
+                skipped.append(Skipped(entry, "a folder named like an image file (images are "
+                                              "files; a DICOM series folder needs another name)"))
+            elif holds_dicom(entry):
+                found.append((entry.name, entry, DICOM))
+            else:
+                skipped.append(Skipped(entry, "a folder without DICOM files (subfolders are not "
+                                              "searched)"))
         elif entry.is_file():
             fmt = image_format(entry.name)
             if fmt is not None:
-                cases.append(Case(entry.name[: -len(fmt) - 1], entry, fmt))
+                found.append((entry.name[: -len(fmt) - 1], entry, fmt))
+            elif entry.suffix.lower() in MHD_DATA_SUFFIXES and any(
+                    (entry.parent / (entry.stem + suffix)).is_file()
+                    for suffix in (".mhd", ".MHD")):
+                continue  # the data file of a .mhd case
             elif looks_like_dicom(entry):
                 loose_dicom = True
+            else:
+                skipped.append(Skipped(entry, f"not an image ({SUPPORTED})"))
+        else:
+            skipped.append(Skipped(entry, "not a regular file or folder"))
+    flare_inputs = {}  # case name -> its channel-0000 entry
+    for stem, path, _ in found:
+        match = FLARE_CHANNEL.fullmatch(stem)
+        if match and match[2] == "0000":
+            flare_inputs.setdefault(match[1], path)
+    cases = []
+    for stem, path, fmt in found:
+        match = FLARE_CHANNEL.fullmatch(stem)
+        if match and match[2] == "0000":
+            cases.append(Case(match[1], path, fmt))
+        elif match and match[1] in flare_inputs:
+            skipped.append(Skipped(path, f"channel {match[2]} of case {match[1]}: only channel "
+                                         f"0000 ({flare_inputs[match[1]].name}) is segmented"))
+        elif stem in flare_inputs:
+            skipped.append(Skipped(path, f"has case {stem}'s output name: its label (ground "
+                                         f"truth)? only {flare_inputs[stem].name} is segmented"))
+        else:
+            cases.append(Case(stem, path, fmt))
     if loose_dicom:
         cases.append(Case(input_dir.resolve().name, input_dir, DICOM))
-    return sorted(with_name_clashes_marked(cases), key=lambda case: (case.name, str(case.path)))
+    cases = sorted(with_name_clashes_marked(cases), key=lambda case: (case.name, str(case.path)))
+    return cases, sorted(skipped, key=lambda item: item.path.name)
+
+
+def find_cases(input_dir):
+    """The cases in ``input_dir`` (see ``survey``), sorted by case name.
+
+    Raises FileNotFoundError if the folder does not exist, NotADirectoryError if it is a file;
+    returns [] when it holds no case.
+    """
+    return survey(input_dir)[0]
+
+
+def nothing_to_segment(input_dir, skipped):
+    """The message for an input folder without a case: what it holds instead."""
+    message = (f"{input_dir}: no images named *{FLARE_SUFFIX}, no other supported image "
+               f"({', '.join('.' + f for f in FORMATS)}) and no DICOM series folder")
+    if not skipped:
+        return message + " (the folder is empty, or holds hidden files only)"
+    listed = "; ".join(f"{item.path.name}: {item.reason}" for item in skipped[:8])
+    more = f"; and {len(skipped) - 8} more" if len(skipped) > 8 else ""
+    return f"{message}; it holds {len(skipped)} other entries: {listed}{more}"
 
 
 def with_name_clashes_marked(cases):
@@ -161,10 +237,11 @@ def with_name_clashes_marked(cases):
         if len(group) == 1:
             marked.extend(group)
             continue
-        names = ", ".join(case.path.name for case in group)
+        names = ", ".join(sorted(case.path.name for case in group))
         marked.extend(Case(case.name, case.path, case.format,
                            f"{case.path}: case name {name!r} is shared by {names}; they would "
-                           "write the same output file: rename all but one") for case in group)
+                           "write the same output file (and ITK may read one file's voxels for "
+                           "the other): rename or remove all but one") for case in group)
     return marked
 
 
@@ -173,26 +250,30 @@ def with_name_clashes_marked(cases):
 # ----------------------------------------------------------------------------------------------
 
 
-def read_case(case):
+def read_case(case, replace_1mm_spacing=False, max_bytes=None):
     """Read and validate one case: (``sitk.Image``, list of warning messages).
 
     The image is 3-D with one value per voxel, of the file's pixel type (the predictor computes
     in float32, so wide or unsigned integer types cannot overflow there). Refusals raise
     ``InputError``: truncated or corrupt files, files no reader recognises, 2-D, 4-D and
     single-slice images, vector/RGB/complex pixels, NaN or infinite voxels, DICOM folders with
-    no series or several. Warnings (the image is still returned): intensities that do not look
-    like CT in HU, 8-bit pixels, integer values outside int16, header spacing of exactly
-    1 x 1 x 1 mm, and for DICOM a modality other than CT.
+    no series or several, headers that ITK would silently reinterpret (see ``check_geometry``
+    and ``check_header_numbers``), and images whose header declares more data than the file can
+    hold or than ``max_bytes`` of working memory allow (checked before any voxel is read).
+    Warnings (the image is still returned): intensities that do not look like CT in HU, 8-bit
+    pixels, integer values outside int16, header spacing of exactly 1 x 1 x 1 mm, and for DICOM
+    a modality other than CT. ``replace_1mm_spacing``: the caller segments a 1 mm image with
+    the method's assumed spacing (the warning says so).
     """
     if case.problem:
         raise InputError(case.problem)
     if case.format == DICOM:
-        image, warnings = read_dicom_series(case.path)
+        image, warnings = read_dicom_series(case.path, max_bytes=max_bytes)
+        check_finite(image, case.path)
     else:
-        check_complete(case.path, case.format)
-        image, warnings = read_image_file(case.path), []
-    check_finite(image, case.path)
-    warnings += spacing_warnings(image, case.path) + intensity_warnings(image, case.path)
+        image, warnings = read_image_file(case.path, case.format, max_bytes), []
+    warnings += (spacing_warnings(image, case.path, replace_1mm_spacing)
+                 + intensity_warnings(image, case.path))
     return image, warnings
 
 
@@ -208,23 +289,51 @@ def reader_message(error):
     return last[:300]
 
 
-def read_image_file(path):
-    """One image file, checked for dimension and pixel kind before its voxels are loaded."""
+def read_image_file(path, fmt=None, max_bytes=None):
+    """One image file, every check that needs no voxels done before its voxels are loaded.
+
+    Order: the name against the content (``check_file_kind``), the header's own numbers
+    (``check_header_numbers``), the declared size against the file and ``max_bytes`` (as the
+    header says it, then as ITK reads it), the data's completeness (and, for NIfTI, its
+    NaN/infinite values, which ITK's NIfTI reader turns into 0), ITK's view of the header
+    (dimension, pixel kind, geometry), then the voxels.
+    """
+    path = Path(path)
+    fmt = fmt or image_format(path.name)
+    check_file_kind(path, fmt)
+    check_header_numbers(path, fmt)
+    declared = declared_data(path, fmt)
+    if declared is not None:  # before the data are inflated to check them
+        check_declared_size(path, fmt, *declared, max_bytes)
+    nonfinite = check_complete(path, fmt)
+    if nonfinite:
+        raise InputError(f"{path}: {nonfinite} voxels are NaN or infinite")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with quiet_itk():
+            reader.ReadImageInformation()
     except RuntimeError as error:
         raise InputError(f"{path}: cannot be read: {reader_message(error)}") from None
+    pixel_type = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     check_shape(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
-                sitk.GetPixelIDValueAsString(reader.GetPixelID()), path)
+                pixel_type, path)
+    check_geometry(reader.GetSpacing()[:3], reader.GetDirection(), reader.GetOrigin()[:3],
+                   reader.GetDimension(), path)
+    voxels = math.prod(reader.GetSize())
+    bytes_per_voxel = reader.GetNumberOfComponents() * pixel_bytes(reader.GetPixelID())
+    check_declared_size(path, fmt, voxels, bytes_per_voxel, max_bytes)
     try:
-        image = reader.Execute()
+        with quiet_itk():
+            image = reader.Execute()
     except RuntimeError as error:
         raise InputError(f"{path}: cannot be read (truncated or corrupt?): "
                          f"{reader_message(error)}") from None
+    except MemoryError:
+        raise InputError(f"{path}: out of memory reading {voxels} voxels ({pixel_type})") from None
     if image.GetDimension() == 4:  # a 4-D image holding one volume (check_shape allowed it)
         image = sitk.Extract(image, [*image.GetSize()[:3], 0], [0, 0, 0, 0])
+    check_finite(image, path)
     return image
 
 
@@ -246,6 +355,232 @@ def check_shape(dimension, size, components, pixel_type, path):
                          "(an RGB, vector or complex image is not CT)")
 
 
+# --- headers ITK would reinterpret in silence --------------------------------------------------
+
+ORTHONORMAL_TOLERANCE = 1e-3  # |D^T D - I|: 1e-3 moves a 500 mm image by at most 0.5 mm
+SINGULAR_DETERMINANT = 1e-6
+
+
+def check_geometry(spacing, direction, origin, dimension, path):
+    """Refuse a spacing, direction or origin that ITK or an output format would change.
+
+    ITK refuses a zero spacing only when the voxels are read ("truncated or corrupt?" then), flips
+    a negative MetaImage spacing into the direction, keeps a non-orthonormal direction that the
+    NIfTI writer then replaces by a rotation (the output lands elsewhere), and cannot invert a
+    singular one.
+    """
+    spacing = np.asarray(spacing, float)
+    shown = " x ".join(f"{s:g}" for s in spacing)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{path}: voxel spacing {shown} mm: every spacing must be a positive "
+                         "number (a zero, negative or missing spacing in the header)")
+    if not np.all(np.isfinite(origin)):
+        raise InputError(f"{path}: origin {tuple(origin)} is not a finite position")
+    side = int(round(math.sqrt(len(direction))))  # 4 x 4 for a 4-D image of one volume
+    matrix = np.asarray(direction, float).reshape(side, side)[:3, :3]
+    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < SINGULAR_DETERMINANT:
+        raise InputError(f"{path}: the direction matrix {format_matrix(matrix)} is singular (two "
+                         "axes point along the same line, or one is zero): no valid orientation")
+    deviation = float(np.abs(matrix.T @ matrix - np.eye(3)).max())
+    if deviation > ORTHONORMAL_TOLERANCE:
+        raise InputError(f"{path}: the direction matrix {format_matrix(matrix)} is not a rotation "
+                         f"(its axes are not orthogonal unit vectors: off by {deviation:.3g}); "
+                         "ITK and the NIfTI writer would silently replace it and move the image: "
+                         "fix the header")
+
+
+def format_matrix(matrix):
+    return "[" + "; ".join(" ".join(f"{v:.4g}" for v in row) for row in np.asarray(matrix)) + "]"
+
+
+METAIMAGE_NUMBER_FIELDS = ("Offset", "Origin", "Position", "ElementSpacing", "ElementSize",
+                           "TransformMatrix", "Rotation", "Orientation", "CenterOfRotation")
+NRRD_NUMBER_FIELDS = ("space origin", "space directions", "spacings", "axis mins", "axis maxs")
+NIFTI1_FLOATS = {"pixdim": (76, 8), "quatern/qoffset": (256, 6), "srow": (280, 12)}
+NIFTI2_DOUBLES = {"pixdim": (104, 8), "quatern/qoffset": (352, 6), "srow": (400, 12)}
+
+
+def check_header_numbers(path, fmt):
+    """Refuse header numbers that are not finite: ITK reads a NaN origin as 0, for example.
+
+    Also reads each format's header once more for what ITK hides: "not a MetaImage/NIfTI file".
+    """
+    bad = None
+    if fmt in ("mha", "mhd"):
+        fields, _ = metaimage_header(path)
+        for key in METAIMAGE_NUMBER_FIELDS:
+            if key in fields and not all_finite(fields[key].split()):
+                bad = f"{key} = {fields[key]}"
+                break
+    elif fmt == "nrrd":
+        for key, value in nrrd_header(path).items():
+            if key in NRRD_NUMBER_FIELDS and not all_finite(
+                    re.findall(r"[^\s(),]+", value.replace("none", ""))):
+                bad = f"{key}: {value}"
+                break
+    elif fmt in ("nii", "nii.gz"):
+        header = nifti_header_bytes(path, compressed=(fmt == "nii.gz"))
+        layout = nifti_layout(header)
+        if layout is None:
+            raise InputError(f"{path}: not a NIfTI file (no valid NIfTI-1/NIfTI-2 header)")
+        order, version = layout["order"], layout["version"]
+        fields = NIFTI1_FLOATS if version == 1 else NIFTI2_DOUBLES
+        for key, (offset, count) in fields.items():
+            code = "f" if version == 1 else "d"
+            values = struct.unpack(order + code * count,
+                                   header[offset:offset + count * struct.calcsize(code)])
+            if not np.all(np.isfinite(values)):
+                bad = f"{key} = {' '.join(f'{v:g}' for v in values)}"
+                break
+    if bad:
+        raise InputError(f"{path}: the header holds a value that is not a finite number ({bad}); "
+                         "ITK would read it as 0 or refuse it later")
+
+
+def all_finite(tokens):
+    try:
+        return all(math.isfinite(float(token)) for token in tokens)
+    except ValueError:
+        return False
+
+
+def nrrd_header(path, limit_bytes=1 << 16):
+    """The "key: value" fields of an NRRD header (lower-case keys); {} for what is no NRRD."""
+    with open(path, "rb") as stream:
+        head = stream.read(limit_bytes)
+    if not head.startswith(b"NRRD"):
+        return {}
+    fields = {}
+    for line in head.split(b"\n")[1:]:
+        line = line.decode("latin-1").rstrip("\r")
+        if not line:
+            break
+        key, sep, value = line.partition(":")
+        if sep and not line.startswith("#"):
+            fields[key.strip().lower()] = value.strip().lstrip("=").strip()
+    return fields
+
+
+def check_file_kind(path, fmt):
+    """Refuse a file whose name says another kind than its content, and a ``.nii.gz`` that ITK
+    would not read itself: beside ``X.nii.gz`` the NIfTI library reads ``X.nii`` instead."""
+    if not path.is_file():
+        raise InputError(f"{path}: is not a regular file")
+    if fmt != "nii.gz":
+        return
+    with open(path, "rb") as stream:
+        head = stream.read(540)
+    if not head.startswith(b"\x1f\x8b"):
+        if nifti_layout(head) is not None:
+            raise InputError(f"{path}: is an uncompressed NIfTI file named .nii.gz: rename it to "
+                             f"{path.name[:-3]}")
+        raise InputError(f"{path}: is not gzip-compressed data, which a .nii.gz must be (empty, "
+                         "truncated or not an image?)")
+    stem = path.name[:-3]
+    for sibling in {stem, stem[:-4] + ".nii", stem[:-4] + ".NII"}:
+        if (path.parent / sibling).exists():
+            raise InputError(f"{path}: {sibling} lies beside it, and ITK's NIfTI reader would take "
+                             f"its voxels instead: move one of them away")
+
+
+# --- declared size: bounded work before any voxel is read ---------------------------------------
+
+MAX_DEFLATE_RATIO = 1032  # zlib cannot inflate more than 1032 bytes per input byte
+WORKING_BYTES_PER_VOXEL = 18  # besides the image itself (docs/inputs.md, "Memory")
+
+
+def pixel_bytes(pixel_id):
+    probe = sitk.Image([1, 1, 1], pixel_id) if pixel_id >= 0 else None
+    if probe is None:
+        return 8
+    return max(1, probe.GetSizeOfPixelComponent())
+
+
+def working_bytes(voxels, bytes_per_voxel):
+    """Estimated peak memory of one case: its image plus the predictor's per-voxel working set."""
+    return voxels * (bytes_per_voxel + WORKING_BYTES_PER_VOXEL)
+
+
+def compression_bound(path, fmt):
+    """How many data bytes the file can hold per byte at most, or None (no bound known)."""
+    if fmt in ("nii", "mhd"):
+        return 1 if fmt == "nii" else None
+    if fmt == "nii.gz":
+        return MAX_DEFLATE_RATIO
+    if fmt == "mha":
+        fields, _ = metaimage_header(path)
+        return MAX_DEFLATE_RATIO if fields.get("CompressedData", "").lower() == "true" else 1
+    if fmt == "nrrd":
+        fields = nrrd_header(path)
+        if "data file" in fields or "datafile" in fields:
+            return None
+        encoding = fields.get("encoding", "raw").lower()
+        return {"raw": 1, "hex": 1, "txt": 8, "text": 8, "ascii": 8, "gz": MAX_DEFLATE_RATIO,
+                "gzip": MAX_DEFLATE_RATIO}.get(encoding)
+    return None
+
+
+def gib(count):
+    return f"{count / 2**30:.3g} GiB"
+
+
+def declared_data(path, fmt):
+    """(voxels, bytes per voxel) as a NIfTI or MetaImage header says them, or None."""
+    if fmt in ("nii", "nii.gz"):
+        layout = nifti_layout(nifti_header_bytes(path, compressed=(fmt == "nii.gz")))
+        if layout is not None:
+            return math.prod(layout["dims"]), max(1, layout["bitpix"] // 8)
+    elif fmt in ("mha", "mhd"):
+        fields, _ = metaimage_header(path)
+        element_bytes = METAIMAGE_TYPE_BYTES.get(fields.get("ElementType", "").replace("_ARRAY",
+                                                                                         ""))
+        try:
+            voxels = math.prod(int(n) for n in fields.get("DimSize", "").split())
+            channels = int(fields.get("ElementNumberOfChannels", "1"))
+        except ValueError:
+            return None
+        if element_bytes:
+            return voxels, element_bytes * channels
+    return None
+
+
+def check_declared_size(path, fmt, voxels, bytes_per_voxel, max_bytes):
+    """Refuse, before reading voxels, a header that declares more data than the file can hold
+    (even at the format's largest compression ratio) or a case whose estimated working memory
+    exceeds ``max_bytes`` (``--max-gib``)."""
+    declared = voxels * bytes_per_voxel
+    ratio = compression_bound(path, fmt)
+    if ratio is not None:
+        size = os.path.getsize(path)
+        if declared > ratio * size + (1 << 16):
+            how = ("uncompressed: truncated, or" if ratio == 1
+                   else f"even compressed at the largest ratio ({ratio}:1):")
+            raise InputError(f"{path}: the header declares {voxels} voxels ({gib(declared)} of "
+                             f"data) but the file holds {size} bytes, too few {how} a corrupt or "
+                             "forged header")
+    if max_bytes is not None and working_bytes(voxels, bytes_per_voxel) > max_bytes:
+        raise InputError(f"{path}: {voxels} voxels would need about "
+                         f"{gib(working_bytes(voxels, bytes_per_voxel))} of memory, more than the "
+                         f"limit of {gib(max_bytes)} (--max-gib)")
+
+
+def default_max_bytes():
+    """This machine's memory, or the container's (cgroup) limit where lower."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError):
+        pass
+    for name in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(name).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 60:
+            limits.append(int(value))
+    return min(limits) if limits else None
+
+
 # --- completeness of the data (ITK silently fills a short NIfTI with zeros) -------------------
 
 
@@ -254,58 +589,122 @@ def check_complete(path, fmt):
 
     NIfTI (.nii and .nii.gz): the data must be as long as the header says, and a gzip stream
     whole. MetaImage: likewise, from its text header. NRRD: its reader refuses short data itself.
+    Returns the number of NaN or infinite values of a floating-point NIfTI (ITK reads them as 0).
     """
     if fmt in ("nii", "nii.gz"):
-        check_nifti_complete(path, compressed=(fmt == "nii.gz"))
-    elif fmt in ("mha", "mhd"):
+        return check_nifti_complete(path, compressed=(fmt == "nii.gz"))
+    if fmt in ("mha", "mhd"):
         check_metaimage_complete(path)
+    return 0
 
 
-def nifti_expected_bytes(header):
-    """vox_offset plus the data size that a NIfTI-1 or NIfTI-2 header describes, or None.
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
 
-    ``header``: the first 540 (or more) bytes of the file; either byte order.
+
+def nifti_layout(header):
+    """What a NIfTI-1 or NIfTI-2 header says about its data, or None if it is no NIfTI header.
+
+    ``header``: the first 540 (or more) bytes of the file; either byte order. Keys: order,
+    version, dims, bitpix, datatype, vox_offset, expected (vox_offset plus the data's size).
     """
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            version = 1
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             vox_offset = struct.unpack(order + "f", header[108:112])[0]
         elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            version = 2
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             dims = struct.unpack(order + "8q", header[16:80])
             vox_offset = struct.unpack(order + "q", header[168:176])[0]
         else:
             continue
-        if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(n < 1 for n in dims[1:dims[0] + 1]):
+        if (not 1 <= dims[0] <= 7 or bitpix <= 0 or any(n < 1 for n in dims[1:dims[0] + 1])
+                or not math.isfinite(vox_offset) or vox_offset < 0):
             return None
-        return int(vox_offset) + math.prod(dims[1:dims[0] + 1]) * bitpix // 8
+        return {"order": order, "version": version, "dims": dims[1:dims[0] + 1],
+                "bitpix": bitpix, "datatype": datatype, "vox_offset": int(vox_offset),
+                "expected": int(vox_offset) + math.prod(dims[1:dims[0] + 1]) * bitpix // 8}
     return None
 
 
+def nifti_header_bytes(path, compressed):
+    """The first 540 bytes of a NIfTI file's (inflated) content."""
+    if not compressed:
+        with open(path, "rb") as stream:
+            return stream.read(540)
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        with open(path, "rb") as stream:
+            head = b""
+            while len(head) < 540:
+                chunk = stream.read(1 << 16)
+                if not chunk:
+                    break
+                head += inflater.decompress(chunk, 540 - len(head))
+                while inflater.unconsumed_tail and len(head) < 540:
+                    head += inflater.decompress(inflater.unconsumed_tail, 540 - len(head))
+                if inflater.eof:
+                    break
+            return head
+    except zlib.error:
+        raise InputError(f"{path}: truncated or corrupt gzip data (the stream ends early or "
+                         "fails its checksum)") from None
+
+
+class NonFiniteCounter:
+    """Counts NaN/infinite values of a float NIfTI's data as its bytes stream past."""
+
+    def __init__(self, layout):
+        self.dtype = np.dtype(layout["order"] + NIFTI_FLOAT_TYPES[layout["datatype"]])
+        self.start, self.end = layout["vox_offset"], layout["expected"]
+        self.position, self.carry, self.count = 0, b"", 0
+
+    def feed(self, chunk):
+        first, self.position = self.position, self.position + len(chunk)
+        low, high = max(self.start - first, 0), min(self.end - first, len(chunk))
+        if high <= low:
+            return
+        data = self.carry + chunk[low:high]
+        usable = len(data) - len(data) % self.dtype.itemsize
+        values = np.frombuffer(data[:usable], self.dtype)
+        self.count += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self.carry = data[usable:]
+
+
 def check_nifti_complete(path, compressed):
-    """Raise InputError if a NIfTI file (gzip stream included) is shorter than its header says.
+    """Raise InputError if a NIfTI file (gzip stream included) is shorter than its header says;
+    return the number of NaN or infinite values of a floating-point file.
 
     A .nii.gz is inflated once (in the CLI's reader thread, overlapping the previous case or
     TensorFlow's start), which also proves the gzip stream whole: zlib checks each member's
-    CRC-32 and length. ITK itself reads a truncated or corrupt stream without complaint.
+    CRC-32 and length. ITK itself reads a truncated or corrupt stream without complaint, and
+    turns NaN into 0.
     """
+    header = nifti_header_bytes(path, compressed)
+    layout = nifti_layout(header)
+    if layout is None:
+        raise InputError(f"{path}: not a NIfTI file (no valid NIfTI-1/NIfTI-2 header)")
+    counter = NonFiniteCounter(layout) if layout["datatype"] in NIFTI_FLOAT_TYPES else None
     if compressed:
-        inflated = inflated_bytes(path, 0, gzip_wrapper=True, keep=540)
-        if inflated is None:
+        total = inflated_bytes(path, 0, gzip_wrapper=True,
+                               consume=counter.feed if counter else None)
+        if total is None:
             raise InputError(f"{path}: truncated or corrupt gzip data (the stream ends early or "
                              "fails its checksum)")
-        total, header = inflated
+        total = total[0]
     else:
-        with open(path, "rb") as stream:
-            header = stream.read(540)
         total = os.path.getsize(path)
-    expected = nifti_expected_bytes(header)
-    if expected is None:
-        raise InputError(f"{path}: not a NIfTI file (no valid NIfTI-1/NIfTI-2 header)")
+        if counter and total >= layout["expected"]:
+            with open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    counter.feed(chunk)
+    expected = layout["expected"]
     if total < expected:
         raise InputError(f"{path}: truncated: the header describes {expected} bytes, "
                          f"the {'decompressed ' if compressed else ''}file holds {total}")
+    return counter.count if counter else 0
 
 
 METAIMAGE_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2,
@@ -364,9 +763,10 @@ def check_metaimage_complete(path):
 
 
 def inflated_bytes(path, offset, gzip_wrapper=False, keep=0, chunk_bytes=1 << 22,
-                   output_bytes=1 << 26):
+                   output_bytes=1 << 26, consume=None):
     """(length, first ``keep`` bytes) of the zlib stream at ``offset`` in ``path`` once
     inflated (``gzip_wrapper``: a gzip file, every member); None if incomplete or corrupt.
+    ``consume``: called with every inflated block, in order.
 
     zlib inflates large blocks with the GIL released, so this runs beside Python work in
     other threads (``gzip.open`` hands the GIL back and forth every few KiB, and took 3 s
@@ -388,6 +788,8 @@ def inflated_bytes(path, offset, gzip_wrapper=False, keep=0, chunk_bytes=1 << 22
                 inflated = inflater.decompress(pending, output_bytes)
                 pending = inflater.unconsumed_tail
                 total += len(inflated)
+                if consume is not None:
+                    consume(inflated)
                 if len(head) < keep:
                     head += inflated[:keep - len(head)]
                 if inflater.eof:
@@ -414,7 +816,7 @@ class quiet_itk:
         sitk.ProcessObject.SetGlobalWarningDisplay(self.before)
 
 
-def read_dicom_series(folder):
+def read_dicom_series(folder, max_bytes=None):
     """The one DICOM series in ``folder``: (image, warnings). Slices sorted by position (GDCM).
 
     Refused: no series, several series (their IDs are named), a file that looks like DICOM but is
@@ -441,6 +843,17 @@ def read_dicom_series(folder):
         raise InputError(f"{folder}: {len(strays)} DICOM file(s) could not be read with the series "
                          f"(truncated or corrupt?): {', '.join(strays[:5])}"
                          + (" ..." if len(strays) > 5 else ""))
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    try:
+        with quiet_itk():
+            first.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputError(f"{folder}: the DICOM series cannot be read: {Path(files[0]).name}: "
+                         f"{reader_message(error)}") from None
+    voxels = math.prod(first.GetSize()) * len(files)
+    check_declared_size(folder, DICOM, voxels,
+                        first.GetNumberOfComponents() * pixel_bytes(first.GetPixelID()), max_bytes)
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
@@ -451,6 +864,7 @@ def read_dicom_series(folder):
                          f"{reader_message(error)}") from None
     check_shape(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(),
                 image.GetPixelIDTypeAsString(), folder)
+    check_geometry(image.GetSpacing(), image.GetDirection(), image.GetOrigin(), 3, folder)
     check_slice_spacing(reader, image, folder)
     warnings = []
     modality = (reader.GetMetaData(0, "0008|0060").strip()
@@ -501,11 +915,17 @@ def check_finite(image, path, slices_per_block=64):
         raise InputError(f"{path}: {bad} voxels are NaN or infinite")
 
 
-def spacing_warnings(image, path):
-    """A warning when the header spacing is exactly 1 x 1 x 1 mm (METHOD.md, stage 1)."""
+def spacing_warnings(image, path, replaced=False):
+    """A warning when the header spacing is exactly 1 x 1 x 1 mm (METHOD.md, stage 1).
+
+    ``replaced``: the caller segments it with the method's assumed spacing instead.
+    """
     if tuple(image.GetSpacing()) != method.SUSPICIOUS_SPACING_MM:
         return []
     assumed = " x ".join(f"{s:g}" for s in method.ASSUMED_SPACING_MM)
+    if replaced:
+        return [f"{path}: header spacing is exactly 1 x 1 x 1 mm; segmented as {assumed} mm "
+                "(--replace-1mm-spacing), the output keeps the input's 1 mm header"]
     return [f"{path}: header spacing is exactly 1 x 1 x 1 mm, often a converter's default when "
             f"the real spacing was lost; segmented as 1 mm (the published method assumed "
             f"{assumed} mm instead: --replace-1mm-spacing)"]
@@ -563,6 +983,14 @@ def intensity_warnings(image, path):
 # ----------------------------------------------------------------------------------------------
 
 
+class OutputError(OSError):
+    """An output that could not be written whole; the message names the file and says why."""
+
+
+PARTIAL_PREFIX = ".partial-"  # .partial-PID-HEX: a temporary folder (or file) of process PID
+GRID_TOLERANCE = {"Spacing": 1e-5, "Origin": 1e-3, "Direction": 1e-5}  # NIfTI stores float32
+
+
 def check_writable(output_dir):
     """Create the output folder and prove it writable, before any work; PermissionError if not."""
     output_dir = Path(output_dir)
@@ -575,6 +1003,42 @@ def check_writable(output_dir):
         raise PermissionError(f"{output_dir}: output folder is not writable ({error})") from None
 
 
+def partial_name():
+    return f"{PARTIAL_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def process_alive(pid):
+    if pid == os.getpid():  # our own PID, reused from a killed run (containers start at 1)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(folder):
+    """Remove the temporary ``.partial-PID-*`` entries of processes that no longer run (a killed
+    run leaves them); returns their names. Those of running processes are left alone."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = re.fullmatch(re.escape(PARTIAL_PREFIX) + r"(\d+)-[0-9a-f]+(\..*)?", entry.name)
+        if not match or process_alive(int(match[1])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
 def written_files(path):
     """The files a label image at ``path`` consists of: data file(s) first, the name itself last."""
     path = Path(path)
@@ -583,23 +1047,134 @@ def written_files(path):
     return [path]
 
 
-def write_labels(labels, path):
-    """Write a label image atomically in the format its name says (see ``FORMATS``).
+def free_bytes(folder):
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
 
-    Everything is written into a hidden temporary folder beside the target and then renamed into
-    place, data before header (.mhd + .raw), so a reader never sees a partial file; on failure
-    nothing is left behind. NIfTI .nii.gz, .mha and .nrrd are compressed; .nii and .mhd are not.
+
+def grid_difference(image, reference):
+    """None if ``image`` lies on ``reference``'s grid (within NIfTI's float32 precision), else
+    what differs."""
+    if image.GetSize() != reference.GetSize():
+        return f"size {image.GetSize()} instead of {reference.GetSize()}"
+    for name, tolerance in GRID_TOLERANCE.items():
+        got, wanted = getattr(image, f"Get{name}")(), getattr(reference, f"Get{name}")()
+        if not np.allclose(got, wanted, rtol=tolerance, atol=tolerance):
+            return f"{name.lower()} {tuple(round(v, 6) for v in got)} instead of " \
+                   f"{tuple(round(v, 6) for v in wanted)}"
+    return None
+
+
+def verify_written(staged, labels):
+    """Raise OutputError unless the file at ``staged`` reads back as ``labels``: complete data,
+    the same pixel type, grid and voxels. (The NIfTI writer does not report a short write on a
+    full disk: the file is truncated or empty and ITK still wrote "successfully".)"""
+    fmt = image_format(staged.name)
+    try:
+        check_complete(staged, fmt)
+        with quiet_itk():
+            back = sitk.ReadImage(str(staged))
+    except (InputError, RuntimeError) as error:
+        reason = str(error) if isinstance(error, InputError) else reader_message(error)
+        raise OutputError(f"it does not read back ({reason.replace(str(staged) + ': ', '')})")
+    problem = grid_difference(back, labels)
+    if problem is None and back.GetPixelID() != labels.GetPixelID():
+        problem = f"pixel type {back.GetPixelIDTypeAsString()}"
+    if problem is None and not np.array_equal(sitk.GetArrayViewFromImage(back),
+                                              sitk.GetArrayViewFromImage(labels)):
+        problem = "other voxel values"
+    if problem:
+        raise OutputError(f"it reads back with {problem}")
+
+
+def sync(path):
+    """Flush a written file to the disk, so that a failure to store it surfaces here."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_labels(labels, path):
+    """Write a label image atomically in the format its name says (see ``FORMATS``), verified.
+
+    Everything is written into a hidden temporary folder beside the target, flushed to the disk,
+    read back and compared with ``labels`` (pixel type, grid and every voxel), and only then
+    renamed into place, data before header (.mhd + .raw), so a reader never sees a partial or
+    wrong file; on failure nothing is left behind and ``OutputError`` (an OSError) names the
+    file, the reason and the free space. NIfTI .nii.gz, .mha and .nrrd are compressed; .nii and
+    .mhd are not.
     """
     path = Path(path)
     fmt = image_format(path.name)
     if fmt is None:
         raise ValueError(f"{path}: unknown output format (use one of {', '.join(FORMATS)})")
-    staging = path.parent / f".partial-{os.getpid()}-{uuid.uuid4().hex}"
-    staging.mkdir()
+    staging = path.parent / partial_name()
     try:
-        sitk.WriteImage(labels, str(staging / path.name), useCompression=fmt in ("nii.gz", "mha",
-                                                                               "nrrd"))
+        staging.mkdir()
+        staged = staging / path.name
+        with quiet_itk():
+            sitk.WriteImage(labels, str(staged), useCompression=fmt in ("nii.gz", "mha", "nrrd"))
+        for final in written_files(path):
+            sync(staging / final.name)
+        verify_written(staged, labels)
         for final in written_files(path):
             os.replace(staging / final.name, final)
+    except (OSError, RuntimeError) as error:
+        free = free_bytes(path.parent)
+        space = f"; {free} bytes free in {path.parent}" if free is not None else ""
+        reason = reader_message(error) if isinstance(error, RuntimeError) else (
+            str(error) if isinstance(error, OutputError) else
+            f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else ""))
+        raise OutputError(f"{path}: cannot be written: {reason}{space}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def existing_output_problem(case, output_path):
+    """None if ``output_path`` (every file of it) exists, reads whole and lies on the input's
+    grid as uint8 labels; else why not (``--skip-existing`` segments such a case again)."""
+    missing = [f.name for f in written_files(output_path) if not f.is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    try:
+        check_complete(output_path, image_format(Path(output_path).name))
+        with quiet_itk():
+            output = sitk.ReadImage(str(output_path))
+    except (InputError, RuntimeError) as error:
+        return f"unreadable ({error if isinstance(error, InputError) else reader_message(error)})"
+    if output.GetPixelID() != sitk.sitkUInt8:
+        return f"pixel type {output.GetPixelIDTypeAsString()}, not uint8 labels"
+    try:
+        wanted = input_grid(case)
+    except (InputError, RuntimeError) as error:
+        return f"the input cannot be read ({error})"
+    if output.GetSize() != wanted["Size"]:
+        return f"on another grid: size {output.GetSize()} instead of {wanted['Size']}"
+    for name, tolerance in GRID_TOLERANCE.items():
+        if not np.allclose(getattr(output, f"Get{name}")(), wanted[name], rtol=tolerance,
+                           atol=tolerance):
+            return f"on another grid: {name.lower()} differs from the input's"
+    return None
+
+
+def input_grid(case):
+    """Size, Spacing, Origin, Direction of a case's image, from its header where it has one."""
+    if case.format == DICOM:
+        with quiet_itk():
+            image, _ = read_dicom_series(case.path)
+        return {name: getattr(image, f"Get{name}")()
+                for name in ("Size", "Spacing", "Origin", "Direction")}
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(case.path))
+    with quiet_itk():
+        reader.ReadImageInformation()
+    side = int(round(math.sqrt(len(reader.GetDirection()))))
+    return {"Size": tuple(reader.GetSize()[:3]), "Spacing": reader.GetSpacing()[:3],
+            "Origin": reader.GetOrigin()[:3],
+            "Direction": tuple(np.asarray(reader.GetDirection()).reshape(side, side)[:3, :3]
+                               .ravel())}

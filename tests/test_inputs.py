@@ -103,16 +103,19 @@ def on_grid(image, reference):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_folder_with_flare_names_is_flare_mode_and_ignores_everything_else(tmp_path):
+def test_a_folder_with_flare_names_names_cases_by_the_flare_rule_and_lists_the_rest(tmp_path):
     write(ct_like(), tmp_path / "b_0000.nii.gz")
     write(ct_like(), tmp_path / "a_0000.nii.gz")
     write(ct_like(), tmp_path / "a_0001.nii.gz")  # a second channel: not FLARE's input
-    write(ct_like(), tmp_path / "other.mha")
-    (tmp_path / "notes.txt").write_text("ignored")
-    cases = find_cases(tmp_path)
+    write(ct_like(), tmp_path / "other.mha")  # not FLARE-named: a case under its own name
+    (tmp_path / "notes.txt").write_text("listed, not a case")
+    cases, skipped = image_io.survey(tmp_path)
     assert [(c.name, c.path.name, c.format) for c in cases] == [
-        ("a", "a_0000.nii.gz", "nii.gz"), ("b", "b_0000.nii.gz", "nii.gz")]
+        ("a", "a_0000.nii.gz", "nii.gz"), ("b", "b_0000.nii.gz", "nii.gz"),
+        ("other", "other.mha", "mha")]
     assert cases[0].output_path(tmp_path / "out") == tmp_path / "out" / "a.nii.gz"
+    assert [(s.path.name, s.reason.split(":")[0]) for s in skipped] == [
+        ("a_0001.nii.gz", "channel 0001 of case a"), ("notes.txt", "not an image (supported")]
 
 
 def test_without_flare_names_every_format_and_dicom_folder_is_a_case(tmp_path):
@@ -474,8 +477,8 @@ def test_output_format_same_writes_each_input_format_on_its_grid(tmp_path, predi
 def test_an_output_that_would_overwrite_its_input_fails_that_case(tmp_path, predictor, capsys):
     path = write(ct_like(), tmp_path / "ct.nii.gz")
     before = path.read_bytes()
-    assert main([str(tmp_path), str(tmp_path), "--quiet"], predictor=predictor) == 1
-    assert "would overwrite an input" in capsys.readouterr().err
+    assert main([str(tmp_path), str(tmp_path), "--quiet"], predictor=predictor) == 2  # all failed
+    assert "would overwrite the input" in capsys.readouterr().err
     assert path.read_bytes() == before
 
 
@@ -576,7 +579,7 @@ def test_other_errors_are_not_retried_and_fail_the_case(tmp_path, predictor, cap
     write(thin_slab_case(33, slices=4)[0], tmp_path / "in" / "case_0000.nii.gz")
     failing = OutOfMemoryOnce(predictor, ValueError("something else"))
     assert main([str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"],
-                predictor=failing) == 1
+                predictor=failing) == 2  # its only case failed
     assert "case: FAILED" in capsys.readouterr().err and len(failing.devices) == 1
     assert not (tmp_path / "out" / "case.nii.gz").exists()
 
