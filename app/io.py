@@ -283,6 +283,9 @@ def reader_message(error):
     last = lines[-1] if lines else "unknown error"
     if "Unable to determine ImageIO reader" in last:
         return "no image reader recognises this file (not an image, or a corrupt header)"
+    if "orthonormal direction cosines" in last:  # NIfTI: neither sform nor qform is a rotation
+        return ("the direction matrix (NIfTI sform and qform) is not a rotation: ITK reads "
+                "orthonormal directions only")
     for prefix in ("sitk::ERROR:", "[nrrd]"):
         if last.startswith(prefix):
             last = last[len(prefix):].strip()
