@@ -47,23 +47,12 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from synthetic.generator import (
-    _FAR_MM,
-    CaseGeometry,
-    Field,
-    Grid,
-    Patient,
-    _body_box,
-    _calibrate,
-    _coarse_grid,
-    _ellipsoid,
-    _organ_labels,
-    _ramp,
-    _render,
-    _scan,
-    _Scene,
-    random_geometry,
-)
+from synthetic.appearance import _scan
+from synthetic.fields import _FAR_MM, Field, _ellipsoid, _ramp
+from synthetic.generator import _organ_labels
+from synthetic.grids import CaseGeometry, Grid, _coarse_grid, random_geometry
+from synthetic.patient import Patient
+from synthetic.scene import _body_box, _calibrate, _render, _Scene
 
 # The label values of ../shared/anatomy (its README): 0 is background or unknown.
 STRUCTURES = {

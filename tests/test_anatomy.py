@@ -14,7 +14,8 @@ from scipy import ndimage
 from synthetic import anatomy, generate_case
 from synthetic.__main__ import DIRECTIONS, fixed_geometry
 from synthetic.__main__ import main as cli_main
-from synthetic.generator import _PHASE_HU, patient_of
+from synthetic.appearance import _PHASE_HU
+from synthetic.generator import patient_of
 from tests.conftest import ROOT, shared_or_skip
 
 ANATOMY = ROOT.parent / "shared" / "anatomy"
