@@ -438,6 +438,32 @@ def check_header_numbers(path, fmt):
     if bad:
         raise InputError(f"{path}: the header holds a value that is not a finite number ({bad}); "
                          "ITK would read it as 0 or refuse it later")
+    if fmt in ("nii", "nii.gz"):
+        check_nifti_sform(header, layout, path)
+
+
+def check_nifti_sform(header, layout, path):
+    """Refuse a NIfTI whose sform (in use: sform_code > 0) is not a rotation times the spacing:
+    ITK then takes the qform instead, or the identity, with no more than a warning."""
+    order, version = layout["order"], layout["version"]
+    if version == 1:
+        sform_code = struct.unpack(order + "h", header[254:256])[0]
+        srow = struct.unpack(order + "12f", header[280:328])
+    else:
+        sform_code = struct.unpack(order + "i", header[348:352])[0]
+        srow = struct.unpack(order + "12d", header[400:496])
+    if sform_code <= 0:
+        return
+    matrix = np.asarray(srow, float).reshape(3, 4)[:, :3]
+    lengths = np.linalg.norm(matrix, axis=0)
+    if np.any(lengths == 0):
+        return  # a zero axis: the direction checks on ITK's reading say it
+    direction = matrix / lengths
+    deviation = float(np.abs(direction.T @ direction - np.eye(3)).max())
+    if deviation > ORTHONORMAL_TOLERANCE:
+        raise InputError(f"{path}: the NIfTI sform {format_matrix(matrix)} is sheared (its axes "
+                         f"are not orthogonal: off by {deviation:.3g}); ITK would silently use "
+                         "the qform (or no orientation) instead: fix the header")
 
 
 def all_finite(tokens):

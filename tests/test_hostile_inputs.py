@@ -359,6 +359,17 @@ def test_an_input_folder_with_nothing_usable_says_what_it_found(tmp_path, capsys
 # ---------------------------------------------------------------------------------------------
 
 
+def sheared_sform(path):
+    """The NIfTI at ``path`` with x sheared along y in its sform; its qform stays valid (ITK reads
+    the qform then, with a warning only)."""
+    data = bytearray(path.read_bytes())
+    srow = list(struct.unpack("<12f", data[280:328]))
+    srow[1] = 1.0
+    struct.pack_into("<12f", data, 280, *srow)
+    path.write_bytes(bytes(data))
+    return path
+
+
 VOXELS = np.random.default_rng(5).integers(-1000, 1500, 8 * 7 * 6).astype("<i2").tobytes()
 
 
@@ -381,6 +392,8 @@ VOXELS = np.random.default_rng(5).integers(-1000, 1500, 8 * 7 * 6).astype("<i2")
      r"not a finite number \(Offset = nan 0 0\)"),
     (lambda p: nrrd(p / "nan.nrrd", VOXELS, "8 7 6", origin="(0,inf,0)"),
      "not a finite number"),
+    (lambda p: sheared_sform(write(tiny(), p / "sheared.nii")),
+     "the NIfTI sform .* is sheared .* ITK would silently use the qform"),
     (lambda p: Path(shutil.copy(write(tiny(), p / "real.nii"), p / "plain.nii.gz")),
      "is an uncompressed NIfTI file named .nii.gz: rename it to plain.nii"),
 ])
