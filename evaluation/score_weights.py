@@ -1,13 +1,17 @@
-"""Score a weights folder on unseen generated cases and on the real CT of ../shared/data.
+"""Score a weights folder on unseen generated cases, on the real CT of ../shared/data and on
+renderings of the held-out real anatomy.
 
 DSC and NSD at 1 mm (the FLARE21 protocol, evaluation.metrics.challenge_scores) per organ present
-in the reference.
+in the reference; for partly labelled real CT (../shared/data/partial, its labelled.json) only
+the organs the case covers.
 
-    python -m evaluation.score_weights [--weights weights] [--cases 10] [--update]
+    python -m evaluation.score_weights [--weights weights] [--cases 10]
+                                       [--anatomy ../shared/anatomy] [--update]
 
 Generated test cases use seeds that training never uses (training/train.py draws its cases from
-seeds 1,000,000+ and 2,000,000+). With ``--update`` the scores are written into the folder's
-weights.json.
+seeds 1,000,000+ and 2,000,000+). With ``--anatomy`` the label maps that training holds out
+(training.train.anatomy_split) are rendered without augmentation, on seeds training never uses,
+and scored. With ``--update`` the scores are written into the folder's weights.json.
 """
 
 import argparse
@@ -22,9 +26,10 @@ import SimpleITK as sitk
 from app import method
 from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE, Predictor
 from evaluation.metrics import challenge_scores, same_grid
-from evaluation.roi_coverage import labels_on_image_grid, real_cases
+from evaluation.roi_coverage import SHARED_DATA, labels_on_image_grid, real_cases
 
 TEST_SEED_OFFSET = 3_000_000
+ANATOMY_TEST_SEED_OFFSET = 5_000_000
 
 
 def parse_args(argv=None):
@@ -32,6 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR)
     parser.add_argument("--cases", type=int, default=10, help="unseen generated cases")
     parser.add_argument("--in-plane-size", type=int, default=512)
+    parser.add_argument("--anatomy", type=Path, default=None,
+                        help="label-map folder: also score renderings of its held-out maps")
     parser.add_argument("--update", action="store_true", help="write scores into weights.json")
     return parser.parse_args(argv)
 
@@ -39,8 +46,9 @@ def parse_args(argv=None):
 NSD_TOLERANCE_MM = 1.0
 
 
-def organ_scores(prediction, reference):
-    """{organ: {"dsc", "nsd"}} for the organs present in ``reference`` (same grid required)."""
+def organ_scores(prediction, reference, organs=None):
+    """{organ: {"dsc", "nsd"}} for the organs present in ``reference`` (same grid required),
+    only those named in ``organs`` when given (a partly labelled reference)."""
     if not same_grid(prediction, reference):
         raise ValueError("prediction and reference lie on different grids")
     predicted = sitk.GetArrayViewFromImage(prediction)
@@ -48,7 +56,7 @@ def organ_scores(prediction, reference):
     spacing_mm = reference.GetSpacing()[::-1]
     scores = {}
     for label, name in method.LABELS.items():
-        if (expected == label).any():
+        if (organs is None or name in organs) and (expected == label).any():
             dsc, nsd = challenge_scores(expected == label, predicted == label, spacing_mm,
                                         NSD_TOLERANCE_MM)
             scores[name] = {"dsc": round(dsc, 4), "nsd": round(nsd, 4)}
@@ -95,9 +103,44 @@ def score_real(predictor):
         output = predictor.predict(image).labels
         # ts_dicom's labels are stored with a flipped axis: compare on the prediction's grid
         results[name] = organ_scores(output, labels_on_image_grid(reference, output))
+    for name, image, reference, organs in partial_cases():
+        output = predictor.predict(image).labels
+        results[name] = organ_scores(output, labels_on_image_grid(reference, output), organs)
     for name, scores in results.items():
         print(f"real {name}: " + format_scores(scores))
     return results
+
+
+def partial_cases(shared_data=SHARED_DATA):
+    """(name, image, labels, organs covered) of the partly labelled real CT."""
+    folder = shared_data / "partial"
+    declared = folder / "labelled.json"
+    if not declared.is_file():
+        return
+    for name, organs in sorted(json.loads(declared.read_text()).items()):
+        image_path = folder / "images" / f"{name}_0000.nii.gz"
+        label_path = folder / "labels" / f"{name}.nii.gz"
+        if image_path.is_file() and label_path.is_file():
+            yield (name, sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)),
+                   tuple(organs))
+
+
+def score_anatomy(predictor, folder, in_plane_size):
+    """DSC and NSD on renderings (unaugmented) of the label maps that training holds out."""
+    from synthetic.anatomy import read_label_map, render_case
+    from training.train import anatomy_split
+
+    _, held = anatomy_split(folder)
+    per_case = []
+    for index, path in enumerate(held):
+        image, labels = render_case(read_label_map(path), ANATOMY_TEST_SEED_OFFSET + index,
+                                    augment=False, in_plane_size=in_plane_size)
+        per_case.append(organ_scores(predictor.predict(image).labels, labels))
+        print(f"anatomy {path.name}: " + format_scores(per_case[-1]), flush=True)
+    return {"maps": [path.name.split(".")[0] for path in held],
+            "seeds": f"{ANATOMY_TEST_SEED_OFFSET}..{ANATOMY_TEST_SEED_OFFSET + len(held) - 1}",
+            "in_plane_size": in_plane_size, "dsc": summarise(per_case, "dsc"),
+            f"nsd_{NSD_TOLERANCE_MM:g}mm": summarise(per_case, "nsd")}
 
 
 def main(argv=None):
@@ -105,6 +148,8 @@ def main(argv=None):
     predictor = Predictor(args.weights)
     scores = {"generated_unseen": score_generated(predictor, args.cases, args.in_plane_size),
               "real_ct": score_real(predictor)}
+    if args.anatomy:
+        scores["anatomy_held_out"] = score_anatomy(predictor, args.anatomy, args.in_plane_size)
     print(json.dumps(scores, indent=2))
     if args.update:
         path = args.weights / PROVENANCE

@@ -26,6 +26,38 @@ def test_organ_scores_are_per_organ_of_the_reference_and_need_one_grid():
         organ_scores(shifted, sitk.GetImageFromArray(reference))
 
 
+def test_organ_scores_of_a_partly_labelled_reference_score_only_its_organs():
+    reference = np.zeros((6, 8, 8), np.uint8)
+    reference[1:5, 2:6, 2:6] = 1
+    reference[1:3, 6:8, 6:8] = 3  # a spleen drawn, but the case declares the liver only
+    prediction = reference.copy()
+    prediction[reference == 3] = 0
+    both = organ_scores(sitk.GetImageFromArray(prediction), sitk.GetImageFromArray(reference))
+    assert both["spleen"]["dsc"] == 0.0
+    liver_only = organ_scores(sitk.GetImageFromArray(prediction),
+                              sitk.GetImageFromArray(reference), organs=("liver",))
+    assert list(liver_only) == ["liver"] and liver_only["liver"]["dsc"] == 1.0
+
+
+def test_held_out_anatomy_is_rendered_and_scored(tmp_path):
+    """Three patients' maps (procedural labels): the one training holds out is scored."""
+    from app.predictor import Predictor
+    from evaluation.score_weights import score_anatomy
+    from tests.test_anatomy import procedural_map
+    from training.train import anatomy_split
+
+    names = []
+    for i, seed in enumerate((21, 22, 23, 24, 25, 26, 27)):
+        procedural_map(tmp_path, seed=seed, name=f"demo_{i:04d}")
+        names.append(f"demo_{i:04d}")
+    training, held = anatomy_split(tmp_path)
+    assert len(held) == 1 and len(training) == 6  # 15 % of 7 patients
+    result = score_anatomy(Predictor(DEFAULT_WEIGHTS_DIR), tmp_path, in_plane_size=96)
+    assert result["maps"] == [held[0].name.split(".")[0]]
+    assert result["dsc"]["liver"]["cases"] == 1
+    assert result["dsc"]["liver"]["mean"] > 0.5  # the shipped weights find a rendered liver
+
+
 def test_update_writes_the_scores_into_weights_json_and_keeps_the_rest(tmp_path, shared_data):
     """One small generated case and the real CT: the shipped weights find the held-out slab's
     liver and spleen; the record's other fields survive the update."""
@@ -39,7 +71,9 @@ def test_update_writes_the_scores_into_weights_json_and_keeps_the_rest(tmp_path,
         {k: v for k, v in before.items() if k != "scores"}
     generated = after["scores"]["generated_unseen"]
     assert generated["cases"] == 1 and generated["in_plane_size"] == 96
-    assert set(after["scores"]["real_ct"]) == {"ts_example", "ts_dicom"}
+    assert set(after["scores"]["real_ct"]) == {"ts_example", "ts_dicom", "chaos_ct3"}
+    # chaos_ct3 has its liver drawn, its other organs present but unlabelled: liver only.
+    assert set(after["scores"]["real_ct"]["chaos_ct3"]) == {"liver"}
     slab = after["scores"]["real_ct"]["ts_dicom"]
     assert set(slab) == {"liver", "spleen", "pancreas"}  # no kidney in its field of view
     assert slab["liver"]["dsc"] >= 0.9 and slab["spleen"]["dsc"] >= 0.85, slab

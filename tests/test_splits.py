@@ -74,7 +74,8 @@ def test_training_holds_out_the_fold_s_validation_cases(tmp_path):
                        "--data", str(data), "--splits", str(tmp_path / "splits.json"),
                        "--fold", "0", "--generated", "0", "--validation", "1",
                        "--generated-size", "48", "--workers", "1"])
-    real, generated, validation = prepare_cases(args)
+    real, generated, validation, anatomy = prepare_cases(args)
+    assert anatomy == []
     assert [case.name for case in real] == ["case_0"]
     assert generated == []
     assert [case.name for case in validation] == ["case_1", "generated_validation_0000"]

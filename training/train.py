@@ -43,6 +43,15 @@ def parse_args(argv=None):
     parser.add_argument("--generated-size", type=int, default=256,
                         help="in-plane voxels of generated training cases")
     parser.add_argument("--validation", type=int, default=3, help="generated validation cases")
+    parser.add_argument("--anatomy", type=Path, default=None,
+                        help="label maps of real patients (a folder, e.g. ../shared/anatomy): "
+                             "rendered as CT by synthetic.anatomy; about 15%% of the patients "
+                             "are held out and rendered for validation")
+    parser.add_argument("--anatomy-cases", type=int, default=120,
+                        help="rendered training cases of real anatomy (maps taken in turn, each "
+                             "rendering augmented and drawn anew)")
+    parser.add_argument("--anatomy-weight", type=float, default=0.5,
+                        help="share of training samples from rendered real anatomy")
     parser.add_argument("--iterations", type=int, default=1000, help="total iterations")
     parser.add_argument("--crop-size", type=int, nargs=3, default=(64, 64, 64),
                         metavar=("Z", "Y", "X"), help="training crop: SCN crop size (multiples of 32); largest localization crop")
@@ -70,10 +79,22 @@ def parse_args(argv=None):
 
 
 GENERATED_SEED_OFFSET = {"train": 1_000_000, "validation": 2_000_000}
+ANATOMY_SEED_OFFSET = {"train": 3_000_000, "validation": 4_000_000}
+
+
+def anatomy_split(folder):
+    """(training map paths, held-out map paths) of a label-map folder, split by patient."""
+    from synthetic.anatomy import held_out, list_maps
+
+    maps = list_maps(folder)
+    kept_out = held_out(maps)
+    return ([m for m in maps if m.name.split(".")[0] not in kept_out],
+            [m for m in maps if m.name.split(".")[0] in kept_out])
 
 
 def prepare_cases(args):
-    """(training cases from --data, generated training cases, validation cases).
+    """(training cases from --data, generated training cases, validation cases, rendered
+    real-anatomy training cases).
 
     With ``--splits``, the --data cases of the fold's validation set join the generated
     validation cases, and cases named in neither set of the fold are left out.
@@ -107,10 +128,44 @@ def prepare_cases(args):
         return [cached(cache, name, lambda n=name, i=i, l=l: load_case(n, i, l))
                 for name, i, l in found if name in names]
 
+    anatomy_train, anatomy_validation = [], []
+    if args.anatomy:
+        from synthetic.anatomy import read_label_map, render_case
+
+        maps, held_maps = anatomy_split(args.anatomy)
+
+        def rendered(split, index, path):
+            seed = ANATOMY_SEED_OFFSET[split] + index
+            name = f"anatomy_{split}_{index:04d}_{path.name.split('.')[0]}"
+            return cached(cache, name, lambda: prepare_case(name, *render_case(
+                read_label_map(path), seed, in_plane_size=args.generated_size,
+                augment=split == "train")))
+
+        anatomy_jobs = [("train", i, maps[i % len(maps)]) for i in range(args.anatomy_cases)]
+        anatomy_jobs += [("validation", i, path) for i, path in enumerate(held_maps)]
+    else:
+        anatomy_jobs = []
     with ThreadPoolExecutor(args.workers) as pool:
         train = list(pool.map(lambda i: generated("train", i), range(args.generated)))
         validation = list(pool.map(lambda i: generated("validation", i), range(args.validation)))
-    return real(training_names), train, real(held_out_names) + validation
+        for (split, _, _), case in zip(anatomy_jobs, pool.map(lambda job: rendered(*job),
+                                                               anatomy_jobs)):
+            (anatomy_train if split == "train" else anatomy_validation).append(case)
+    return (real(training_names), train, real(held_out_names) + anatomy_validation + validation,
+            anatomy_train)
+
+
+def pick_pool(rng, real, anatomy, generated, data_weight, anatomy_weight):
+    """The source of one sample: real CT with probability ``data_weight``, rendered real
+    anatomy with ``anatomy_weight``, generated CT otherwise (shares of absent sources go to the
+    others). Without anatomy cases the draws are those of earlier runs, so they resume alike."""
+    if real and (not (generated or anatomy) or rng.uniform() < data_weight):
+        return real
+    if anatomy:
+        rest = 1.0 - (data_weight if real else 0.0)
+        if not generated or rng.uniform() * rest < anatomy_weight:
+            return anatomy
+    return generated
 
 
 def sample_dataset(make_sample, seed, workers, first_index=0, depth=6):
@@ -241,13 +296,13 @@ def main(argv=None):
             optimizer.learning_rate.assign(args.learning_rate)
 
     start_time = time.time()
-    real, generated, validation = prepare_cases(args)
-    print(f"{len(real)} real + {len(generated)} generated training cases, "
-          f"{len(validation)} validation cases ({time.time() - start_time:.0f} s)", flush=True)
+    real, generated, validation, anatomy = prepare_cases(args)
+    print(f"{len(real)} real + {len(anatomy)} real-anatomy + {len(generated)} generated training "
+          f"cases, {len(validation)} validation cases ({time.time() - start_time:.0f} s)",
+          flush=True)
 
     def make_sample(rng):
-        use_real = real and (not generated or rng.uniform() < args.data_weight)
-        pool = real if use_real else generated
+        pool = pick_pool(rng, real, anatomy, generated, args.data_weight, args.anatomy_weight)
         case = pool[rng.integers(len(pool))]
         if segmentation:
             return augment.segmentation_sample(case, rng, args.crop_size)
@@ -273,6 +328,12 @@ def main(argv=None):
         from tqdm import tqdm
         progress = tqdm(total=args.iterations, initial=step, unit="it", mininterval=5)
         skipped = overflows_in_a_row = 0
+        if step == 0 and validation:
+            # The starting weights' scores: what the run's later validations are measured against.
+            scores = json.dumps(validate(model, ema, validation, args.stage))
+            progress.write(f"iteration 0: validation {scores}")
+            writer.writerow([0, "", 0.0, scores])
+            log.flush()
         while step < args.iterations:
             loss, norm = train_step(*next(samples))
             loss, norm, step = float(loss), float(norm), int(iteration.numpy())

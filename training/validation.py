@@ -8,6 +8,8 @@ from app.localization import Roi
 from app.segmentation import segmentation_grid
 from training import augment
 
+NSD_TOLERANCE_MM = 1.0  # the challenge's tolerance (../shared/METHOD.md)
+
 
 def dice(prediction, reference):
     """DSC of two boolean arrays; 1.0 when both are empty."""
@@ -24,9 +26,13 @@ def _roi_of(case):
     return grid, Roi(tuple(int(a) for a in start), tuple(int(n) for n in stop - start))
 
 
-def segmentation_scores(model, cases):
-    """Mean DSC per organ over ``cases`` on the inference crop of each training ROI."""
+def segmentation_scores(model, cases, nsd_tolerance_mm=NSD_TOLERANCE_MM):
+    """Mean DSC per organ over ``cases`` on the inference crop of each training ROI, and the
+    mean NSD (``NAME_nsd``) at ``nsd_tolerance_mm`` on that crop's grid."""
+    from evaluation.metrics import challenge_scores
+
     scores = {name: [] for name in method.LABELS.values()}
+    surface = {name: [] for name in method.LABELS.values()}
     rng = np.random.default_rng(0)
     for case in cases:
         grid, roi = _roi_of(case)
@@ -39,7 +45,12 @@ def segmentation_scores(model, cases):
         for label, name in method.LABELS.items():
             if (labels == label).any():
                 scores[name].append(dice(prediction == label, labels == label))
-    return {name: round(float(np.mean(v)), 4) for name, v in scores.items() if v}
+                surface[name].append(challenge_scores(
+                    labels == label, prediction == label, crop.spacing_mm[::-1],
+                    nsd_tolerance_mm)[1])
+    out = {name: round(float(np.mean(v)), 4) for name, v in scores.items() if v}
+    out.update({f"{name}_nsd": round(float(np.mean(v)), 4) for name, v in surface.items() if v})
+    return out
 
 
 def localization_scores(model, cases):
