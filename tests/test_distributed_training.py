@@ -134,6 +134,8 @@ def test_two_replicas_train_as_one_device_on_the_mean_gradient(tmp_path):
     assert "2 replicas" in completed.stdout
     with open(run / "log.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["iteration"] for row in rows] == ["2"]
-    assert json.loads(rows[0]["validation"])
+    # the starting weights' validation (iteration 0, no loss yet), then the trained one's
+    assert [row["iteration"] for row in rows] == ["0", "2"]
+    assert rows[0]["loss"] == "" and json.loads(rows[0]["validation"])
+    assert json.loads(rows[1]["validation"])
     assert (run / "weights" / "segmentation.weights.h5").stat().st_size > 0
