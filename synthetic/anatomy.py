@@ -35,11 +35,10 @@ bowel, contrast in the vessels) and never labelled: they are the confusers the n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from scipy import ndimage
 
 from synthetic.appearance import _scan
 from synthetic.fields import _FAR_MM, Field, _ellipsoid, _ramp
-from synthetic.generator import _organ_labels
+from synthetic.generator import _organ_labels, write_pair
 from synthetic.grids import CaseGeometry, Grid, _coarse_grid, random_geometry
 from synthetic.patient import Patient
 from synthetic.scene import _body_box, _calibrate, _render, _Scene
@@ -101,6 +100,17 @@ class LabelMap:
     def array(self) -> np.ndarray:
         return sitk.GetArrayViewFromImage(self.image)
 
+    @functools.cached_property
+    def boxes(self) -> list:
+        """Index box (z, y, x slices) of each structure value 1.. (None where absent)."""
+        return ndimage.find_objects(self.array(), max_label=max(STRUCTURES))
+
+
+@functools.lru_cache(maxsize=8)
+def _catalogue_cases(path: str, modified_ns: int) -> dict:
+    """A catalogue's cases, read once per version of the file (every map looks its entry up)."""
+    return json.loads(Path(path).read_text()).get("cases", {})
+
 
 def catalogue_entry(path: Path) -> dict | None:
     """The catalogue entry of a map file (``anatomy.json`` in its folder or the one above)."""
@@ -108,7 +118,7 @@ def catalogue_entry(path: Path) -> dict | None:
     for folder in (path.parent, path.parent.parent):
         catalogue = folder / CATALOGUE
         if catalogue.is_file():
-            cases = json.loads(catalogue.read_text()).get("cases", {})
+            cases = _catalogue_cases(str(catalogue), catalogue.stat().st_mtime_ns)
             for name, entry in cases.items():
                 if Path(entry.get("file", "")).name == path.name or name == path.name.split(".")[0]:
                     return entry
@@ -263,7 +273,7 @@ def _structure_points(label_map: LabelMap, augmentation: Augmentation, rng, per_
     """Per covered structure present: (all-voxel centroid, sample of points), render space."""
     array = label_map.array()
     image = label_map.image
-    boxes = ndimage.find_objects(array, max_label=max(STRUCTURES))
+    boxes = label_map.boxes
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     spacing, origin = np.asarray(image.GetSpacing()), np.asarray(image.GetOrigin())
     out = {}
@@ -492,7 +502,7 @@ def real_fields(label_map: LabelMap, augmentation: Augmentation, grid: Grid,
     """Field of each covered structure present, on the coarse grid (patient frame)."""
     array = label_map.array()
     image = label_map.image
-    boxes = ndimage.find_objects(array, max_label=max(STRUCTURES))
+    boxes = label_map.boxes
     out = {}
     for value, box in enumerate(boxes, start=1):
         name = STRUCTURES[value]
@@ -552,12 +562,8 @@ class AnatomyScene(_Scene):
                 if name == "portal_splenic_vein":
                     self.fields["splenic_vein"] = None
             elif name in _SCENE_REAL:
-                key = _SCENE_REAL[name]
-                if key in self.real:  # rectum joins the colon
-                    merged = _union(self.real[key], field, grid)
-                    self.real[key] = merged
-                else:
-                    self.real[key] = field
+                key = _SCENE_REAL[name]  # the rectum joins the colon
+                self.real[key] = _union(self.real[key], field, grid) if key in self.real else field
         self.femoral_heads = fields.get("femoral_heads")
         everything = list(self.real_organs.values()) + [
             fields[n] for n in fields if n not in ORGAN_LABELS]
@@ -774,18 +780,5 @@ def render_case(label_map: LabelMap, seed: int, geometry: CaseGeometry | str | N
 
 
 def write_case(out_dir, name: str, label_map: LabelMap, seed: int, **kwargs):
-    """Render a case and write ``NAME_0000.nii.gz`` and ``NAME.nii.gz`` (each renamed into place
-    from a temporary name, so no half-written file is ever seen)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    image, label = render_case(label_map, seed, **kwargs)
-    paths = (out_dir / f"{name}_0000.nii.gz", out_dir / f"{name}.nii.gz")
-    for item, path in zip((image, label), paths):
-        temporary = out_dir / f".{path.name[:-len('.nii.gz')]}.{uuid.uuid4().hex}.tmp.nii.gz"
-        try:
-            sitk.WriteImage(item, str(temporary), useCompression=True)
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-    return paths
+    """Render a case and write it in the FLARE layout (synthetic.generator.write_pair)."""
+    return write_pair(out_dir, name, *render_case(label_map, seed, **kwargs))

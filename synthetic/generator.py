@@ -123,14 +123,20 @@ def _organ_labels(organs: dict, grid: Grid, geometry: CaseGeometry, offset,
 
 
 def write_case(out_dir: str | Path, name: str, seed: int, **kwargs) -> tuple[Path, Path]:
-    """Generate a case and write ``NAME_0000.nii.gz`` (image) and ``NAME.nii.gz`` (label).
+    """Generate a case and write ``NAME_0000.nii.gz`` (image) and ``NAME.nii.gz`` (label)
+    with :func:`write_pair`.  ``kwargs`` go to :func:`generate_case`."""
+    return write_pair(out_dir, name, *generate_case(seed, **kwargs))
+
+
+def write_pair(out_dir: str | Path, name: str, image: sitk.Image,
+               label: sitk.Image) -> tuple[Path, Path]:
+    """Write a case in the FLARE layout: ``NAME_0000.nii.gz`` (image), ``NAME.nii.gz`` (label).
 
     Each file is written under a temporary name in the same folder and renamed into place, so a
-    reader never sees a half-written file.  ``kwargs`` go to :func:`generate_case`.
+    reader never sees a half-written file.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    image, label = generate_case(seed, **kwargs)
     paths = (out_dir / f"{name}_0000.nii.gz", out_dir / f"{name}.nii.gz")
     for item, path in zip((image, label), paths):
         # Unique per writer; ends in .nii.gz so SimpleITK picks the format from the name.
