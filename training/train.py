@@ -69,6 +69,11 @@ def parse_args(argv=None):
                         help="start a new run from this weights folder (e.g. the shipped weights)")
     parser.add_argument("--export", type=Path, default=None,
                         help="write the EMA weights into this weights folder at the end")
+    parser.add_argument("--snapshot-every", type=int, default=0,
+                        help="every N iterations write the EMA weights as a complete weights "
+                             "folder RUN/snapshots/ITERATION (the other network and weights.json "
+                             "from --init-weights), for averaging and for scoring while the run "
+                             "goes on; 0: none")
     parser.add_argument("--workers", type=int, default=2,
                         help="parallel sample preparations in the tf.data pipeline")
     parser.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
@@ -362,6 +367,8 @@ def main(argv=None):
                 losses_window = []
             if step % args.checkpoint_every == 0 or step == args.iterations:
                 manager.save()
+            if args.snapshot_every and step % args.snapshot_every == 0:
+                write_snapshot(model, ema, args, step)
         progress.close()
     finally:
         del samples  # ends the pipeline's map calls before the interpreter exits
@@ -435,6 +442,26 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
     return train_step
 
 
+def write_snapshot(model, ema, args, step):
+    """RUN/snapshots/ITERATION: a weights folder app/ can load, written under a temporary name."""
+    import shutil
+
+    from app.predictor import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
+
+    folder = args.run / "snapshots" / f"{step:06d}"
+    temporary = folder.with_name(f"partial_{folder.name}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    trained = SEGMENTATION_WEIGHTS if args.stage == "segmentation" else LOCALIZATION_WEIGHTS
+    if args.init_weights:
+        for name in (LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS, "weights.json"):
+            if name != trained and (args.init_weights / name).exists():
+                shutil.copy2(args.init_weights / name, temporary / name)
+    export_weights(model, ema, args.stage, temporary)
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
+
+
 def export_weights(model, ema, stage, weights_dir):
     """Write the EMA values into ``weights_dir`` as the weights file app/ loads (atomically)."""
     import keras
@@ -442,8 +469,12 @@ def export_weights(model, ema, stage, weights_dir):
     from app.networks import build_localization_net, build_scn
     from app.predictor import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
 
+    training_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
-    fresh = build_scn() if stage == "segmentation" else build_localization_net()
+    try:
+        fresh = build_scn() if stage == "segmentation" else build_localization_net()
+    finally:
+        keras.mixed_precision.set_global_policy(training_policy)
     for target, average in zip(fresh.trainable_variables, ema):
         target.assign(average)
     weights_dir.mkdir(parents=True, exist_ok=True)
