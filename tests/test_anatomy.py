@@ -195,6 +195,17 @@ def test_cli_renders_cases_around_a_map(tmp_path, capsys):
     assert cli_main(["--anatomy", str(tmp_path / "none"), "--out", str(out)]) == 2
 
 
+def test_benchmark_renders_the_asked_grid_and_reports_seconds(tmp_path, capsys):
+    from synthetic.benchmark import main as benchmark_main
+
+    path, _ = procedural_map(tmp_path / "maps")
+    assert benchmark_main(["--anatomy", str(path.parent), "--maps", "1", "--size", "40", "36",
+                           "24", "--spacing", "3", "3", "4", "--procedural", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "demo_0001: " in out and "real anatomy, 40x36x24 voxels: " in out
+    assert "procedural, 40x36x24 voxels: " in out and "peak resident memory" in out
+
+
 def test_real_maps_render_with_their_organs_in_place():
     folder = shared_or_skip(ANATOMY, "the real label maps")
     catalogue = json.loads((folder / "anatomy.json").read_text())["cases"]
