@@ -1,15 +1,19 @@
 """How much of the labelled organs the localization stage's ROI contains, per case.
 
     python -m evaluation.roi_coverage [--weights DIR] [--seeds 1 2 3] [--in-plane-size 256]
+                                      [--anatomy ../shared/anatomy]
 
 Runs stage 1 alone (``Predictor.localize``) with the weights of DIR on the real CT of
 ../shared/data (when present) and on generated cases, and prints per case the ROI in voxel indices
 (of the LPS-reoriented image) and in mm, and the share of labelled organ voxels inside it. Used to
 check imported published weights (``python -m app.import_weights``): the ROI must contain at least
-99% of the organ voxels.
+99% of the organ voxels. With ``--anatomy`` the held-out real-anatomy maps are rendered as
+``python -m evaluation.score_weights --anatomy`` renders them (same seeds, unaugmented) and checked
+too.
 """
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -82,6 +86,19 @@ def generated_cases(seeds, in_plane_size):
         yield f"generated_{seed}", image, labels
 
 
+def anatomy_cases(folder, in_plane_size):
+    """(name, image, labels) of the held-out real-anatomy maps, rendered as score_weights does."""
+    from evaluation.score_weights import ANATOMY_TEST_SEED_OFFSET
+    from synthetic.anatomy import read_label_map, render_case
+    from training.train import anatomy_split
+
+    _, held = anatomy_split(folder)
+    for index, path in enumerate(held):
+        image, labels = render_case(read_label_map(path), ANATOMY_TEST_SEED_OFFSET + index,
+                                    augment=False, in_plane_size=in_plane_size)
+        yield f"anatomy_{path.name.split('.')[0]}", image, labels
+
+
 def summary_line(name, record):
     return (f"{name}: ROI start {record['roi_start_xyz']} size {record['roi_size_xyz']} voxels, "
             f"{record['roi_low_mm_xyz']}..{record['roi_high_mm_xyz']} mm "
@@ -99,6 +116,8 @@ def parse_args(argv=None):
                         help="seeds of the generated cases")
     parser.add_argument("--in-plane-size", type=int, default=256,
                         help="in-plane voxels of the generated cases")
+    parser.add_argument("--anatomy", type=Path, default=None,
+                        help="label-map folder: also its held-out maps, rendered")
     parser.add_argument("--json", type=Path, default=None, help="write all records to this file")
     return parser.parse_args(argv)
 
@@ -107,9 +126,16 @@ def main(argv=None):
     args = parse_args(argv)
     predictor = Predictor(args.weights)
     records = {}
-    for name, image, labels in [*real_cases(), *generated_cases(args.seeds, args.in_plane_size)]:
+    cases = [real_cases(), generated_cases(args.seeds, args.in_plane_size)]
+    if args.anatomy:
+        cases.append(anatomy_cases(args.anatomy, args.in_plane_size))
+    for name, image, labels in itertools.chain(*cases):
         records[name] = roi_coverage(predictor, image, labels)
         print(summary_line(name, records[name]), flush=True)
+    if records:
+        worst = min(records, key=lambda name: records[name]["coverage"])
+        print(f"{len(records)} cases; lowest coverage {100 * records[worst]['coverage']:.2f}% "
+              f"({worst})")
     if args.json:
         args.json.write_text(json.dumps(records, indent=2) + "\n")
     return 0
