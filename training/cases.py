@@ -4,6 +4,10 @@ A prepared case keeps, in the canonical (LPS-closest) orientation, two low-resol
 the CT that already carry the method's anti-aliasing: one over the whole image for the
 localization net, one around the organs for the SCN. Augmented samples are then resampled from
 these small images instead of the full-resolution CT.
+
+A case's label may cover only some organs (training/coverage.py: a labelled.json or dataset.json
+beside the cases); the prepared case carries the label ids it covers, and the losses treat the
+other organs as unknown.
 """
 
 from dataclasses import dataclass
@@ -15,6 +19,7 @@ import SimpleITK as sitk
 from app import method
 from app.geometry import Grid, centred_grid, image_centre_axis_mm, resample, to_canonical
 from app.preprocessing import network_input
+from training.coverage import ALL_ORGANS, covered_organs, folder_declarations
 
 LOCALIZATION_CACHE_SPACING_MM = 4.0
 SEGMENTATION_CACHE_SPACING_MM = 1.5
@@ -34,6 +39,7 @@ class PreparedCase:
     segmentation_labels: sitk.Image
     roi_low_mm: np.ndarray  # training ROI (ground-truth box + 32 mm), physical axis mm of
     roi_high_mm: np.ndarray  # segmentation_image's frame, from its origin
+    covered: tuple = ALL_ORGANS  # label ids the labels cover; the others are unknown, not absent
 
 
 def find_cases(folder):
@@ -54,12 +60,21 @@ def find_cases(folder):
     return cases
 
 
+def case_coverage(folder):
+    """{case name: covered label ids} of ``find_cases(folder)``, from the labelled.json and
+    dataset.json in ``folder`` (training/coverage.py); undeclared cases cover every organ.
+    Raises coverage.DeclarationError naming the file for a bad declaration."""
+    declarations = folder_declarations(folder)
+    return {name: covered_organs(declarations, name) for name, _, _ in find_cases(folder)}
+
+
 def _labels_on(labels, grid):
     return resample(labels, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
-def prepare_case(name, image, labels):
-    """Prepare a (CT image in HU, labels) pair on the same grid for training."""
+def prepare_case(name, image, labels, covered=ALL_ORGANS):
+    """Prepare a (CT image in HU, labels) pair on the same grid for training; ``covered``: the
+    label ids the labels cover (the training ROI is the box of the labelled organs)."""
     image, _ = to_canonical(image)
     labels, _ = to_canonical(labels)
     labels.CopyInformation(image)
@@ -88,7 +103,8 @@ def prepare_case(name, image, labels):
     segmentation_labels = _labels_on(labels, fine)
     offset = Grid.of(image).physical_to_axis_mm(fine.origin_mm)
     return PreparedCase(name, grid, localization_image, localization_labels, segmentation_image,
-                        segmentation_labels, roi_low - offset, roi_high - offset)
+                        segmentation_labels, roi_low - offset, roi_high - offset,
+                        tuple(sorted(covered)))
 
 
 def _hu_image(image, grid, sigma_mm):
@@ -101,5 +117,7 @@ def _hu_image(image, grid, sigma_mm):
     return hu
 
 
-def load_case(name, image_path, label_path):
-    return prepare_case(name, sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)))
+def load_case(name, image_path, label_path, covered=ALL_ORGANS):
+    """``prepare_case`` of an image file and its label file."""
+    return prepare_case(name, sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)),
+                        covered)

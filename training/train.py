@@ -30,7 +30,9 @@ def parse_args(argv=None):
     parser.add_argument("--stage", choices=STAGES, required=True)
     parser.add_argument("--run", type=Path, required=True, help="run folder (checkpoint, log)")
     parser.add_argument("--data", type=Path, action="append", default=[],
-                        help="folder of labelled CT (FLARE naming or imagesTr/labelsTr); repeatable")
+                        help="folder of labelled CT (FLARE naming or imagesTr/labelsTr); "
+                             "repeatable; a labelled.json or dataset.json in it may declare "
+                             "cases whose labels cover only some organs (training/coverage.py)")
     parser.add_argument("--splits", type=Path, default=None,
                         help="k-fold splits file (training.splits); --data cases are then split "
                              "into training and held-out validation cases by --fold")
@@ -102,9 +104,13 @@ def prepare_cases(args):
     real-anatomy training cases).
 
     With ``--splits``, the --data cases of the fold's validation set join the generated
-    validation cases, and cases named in neither set of the fold are left out.
+    validation cases, and cases named in neither set of the fold are left out. A --data case
+    covers the organs its folder's declaration names (all when undeclared); the declaration
+    wins over a cached case's coverage.
     """
-    from training.cases import find_cases, load_case, prepare_case
+    import dataclasses
+
+    from training.cases import case_coverage, find_cases, load_case, prepare_case
     from training.store import cached
 
     cache = args.cache or args.run / "cache"
@@ -118,6 +124,8 @@ def prepare_cases(args):
             name, *generate_case(seed, in_plane_size=args.generated_size)))
 
     found = [case for folder in args.data for case in find_cases(folder)]
+    coverage = {name: covered for folder in args.data
+                for name, covered in case_coverage(folder).items()}
     training_names = {name for name, _, _ in found}
     held_out_names = set()
     if args.splits:
@@ -130,8 +138,10 @@ def prepare_cases(args):
                   f"{', '.join(sorted(missing)[:5])}", flush=True)
 
     def real(names):
-        return [cached(cache, name, lambda n=name, i=i, l=l: load_case(n, i, l))
-                for name, i, l in found if name in names]
+        cases = [cached(cache, name, lambda n=name, i=image, path=label: load_case(
+                     n, i, path, coverage[n])) for name, image, label in found if name in names]
+        return [case if case.covered == coverage[case.name]
+                else dataclasses.replace(case, covered=coverage[case.name]) for case in cases]
 
     anatomy_train, anatomy_validation = [], []
     if args.anatomy:
@@ -173,26 +183,34 @@ def pick_pool(rng, real, anatomy, generated, data_weight, anatomy_weight):
     return generated
 
 
-def sample_dataset(make_sample, seed, workers, first_index=0, depth=6):
+def sample_dataset(make_sample, seed, workers, first_index=0, depth=6, with_coverage=False):
     """Augmented training samples as an endless tf.data pipeline, in order, batches of one.
 
     Sample ``i`` is ``make_sample(rng)`` with a generator seeded by (seed, i), so the sequence does
     not depend on thread timing, and a run resumed at sample ``i`` sees exactly the samples an
     uninterrupted run would have seen. ``workers`` map calls run at once (deterministic order);
     ``depth`` batches are prefetched. Elements: image (1, z, y, x, 1) float32, labels (1, z, y, x)
-    uint8; sizes vary for localization samples.
+    uint8; sizes vary for localization samples. ``with_coverage``: ``make_sample`` returns a
+    third value, the case's coverage (training.coverage.coverage_vector), and the elements carry
+    it as (1, classes) float32, for the train step's partial-label losses.
     """
     import tensorflow as tf
 
+    from app import method
+
     def make(index):
-        image, labels = make_sample(np.random.default_rng([seed, int(index)]))
-        return image.astype(np.float32, copy=False), labels.astype(np.uint8, copy=False)
+        image, labels, *coverage = make_sample(np.random.default_rng([seed, int(index)]))
+        return (image.astype(np.float32, copy=False), labels.astype(np.uint8, copy=False),
+                *(np.asarray(c, np.float32) for c in coverage))
 
     def load(index):
-        image, labels = tf.numpy_function(make, [index], (tf.float32, tf.uint8), stateful=False)
+        types = (tf.float32, tf.uint8) + ((tf.float32,) if with_coverage else ())
+        image, labels, *coverage = tf.numpy_function(make, [index], types, stateful=False)
         image.set_shape([None, None, None])
         labels.set_shape([None, None, None])
-        return image[..., None], labels
+        for vector in coverage:
+            vector.set_shape([method.NUM_CLASSES])
+        return (image[..., None], labels, *coverage)
 
     return (tf.data.Dataset.counter(first_index)
             .map(load, num_parallel_calls=max(1, workers), deterministic=True)
@@ -258,6 +276,7 @@ def main(argv=None):
 
     from app.networks import build_localization_net, build_scn
     from training import augment
+    from training.coverage import coverage_vector
     from training.validation import validate
 
     args.run.mkdir(parents=True, exist_ok=True)
@@ -310,8 +329,10 @@ def main(argv=None):
         pool = pick_pool(rng, real, anatomy, generated, args.data_weight, args.anatomy_weight)
         case = pool[rng.integers(len(pool))]
         if segmentation:
-            return augment.segmentation_sample(case, rng, args.crop_size)
-        return augment.localization_sample(case, rng, max_size_zyx=args.crop_size)
+            sample = augment.segmentation_sample(case, rng, args.crop_size)
+        else:
+            sample = augment.localization_sample(case, rng, max_size_zyx=args.crop_size)
+        return (*sample, coverage_vector(case.covered))
 
     train_step = make_train_step(model, optimizer, ema, iteration, mean_gradient_norm,
                                  segmentation, args.ema_decay, strategy)
@@ -326,7 +347,7 @@ def main(argv=None):
     step = int(iteration.numpy())
     samples = iter(strategy.distribute_datasets_from_function(
         lambda _: sample_dataset(make_sample, args.seed, args.workers,
-                                 first_index=step * replicas)))
+                                 first_index=step * replicas, with_coverage=True)))
     losses_window = []
     tick = time.time()
     try:
@@ -381,8 +402,10 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
                     strategy=None):
     """A compiled step: loss, gradients clipped to 5x their running mean norm, Adam, EMA update.
 
-    Returns ``step(image, labels) -> (loss, gradient norm)``: image (1, z, y, x, 1), labels
-    (1, z, y, x) per replica. With a ``keras.optimizers.LossScaleOptimizer`` (float16) the loss
+    Returns ``step(image, labels, coverage=None) -> (loss, gradient norm)``: image
+    (1, z, y, x, 1), labels (1, z, y, x) per replica; ``coverage`` (1, 5) float, the sample's
+    covered organs (training.coverage.coverage_vector; None: all, the method's losses) for the
+    partial-label losses of training/losses.py. With a ``keras.optimizers.LossScaleOptimizer`` (float16) the loss
     is scaled before differentiation, the norm and clipping act on the unscaled gradients, and a
     step whose gradients overflow returns a non-finite norm and changes no weight (the optimizer
     halves its scale). Under a distribution ``strategy`` each replica computes the loss and
@@ -401,13 +424,13 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
     # float16: the loss is multiplied by the optimizer's dynamic scale before differentiation
     loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
-    def replica_gradients(image, labels):
+    def replica_gradients(image, labels, coverage=None):
         one_hot = tf.one_hot(tf.cast(labels, tf.int32), classes)
         with tf.GradientTape() as tape:
             outputs = model(image, training=True)
-            loss = (losses.scn_loss(outputs, one_hot) if segmentation
-                    else losses.localization_loss(outputs, one_hot))
-            total = loss + tf.add_n([tf.cast(l, tf.float32) for l in model.losses])
+            loss = (losses.scn_loss(outputs, one_hot, coverage) if segmentation
+                    else losses.localization_loss(outputs, one_hot, coverage))
+            total = loss + tf.add_n([tf.cast(term, tf.float32) for term in model.losses])
             if loss_scaling:
                 total = optimizer.scale_loss(total)
         return loss, tape.gradient(total, model.trainable_variables)
@@ -416,8 +439,9 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
         return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
     @tf.function(reduce_retracing=True)
-    def train_step(image, labels):
-        loss, gradients = strategy.run(replica_gradients, args=(image, labels))
+    def train_step(image, labels, coverage=None):
+        inputs = (image, labels) if coverage is None else (image, labels, coverage)
+        loss, gradients = strategy.run(replica_gradients, args=inputs)
         loss, gradients = mean(loss), [mean(g) for g in gradients]
         scale = tf.cast(optimizer.dynamic_scale, tf.float32) if loss_scaling else 1.0
         scaled_norm = tf.linalg.global_norm(gradients)

@@ -28,7 +28,8 @@ def _roi_of(case):
 
 def segmentation_scores(model, cases, nsd_tolerance_mm=NSD_TOLERANCE_MM):
     """Mean DSC per organ over ``cases`` on the inference crop of each training ROI, and the
-    mean NSD (``NAME_nsd``) at ``nsd_tolerance_mm`` on that crop's grid."""
+    mean NSD (``NAME_nsd``) at ``nsd_tolerance_mm`` on that crop's grid; each organ over the
+    cases whose labels cover it (``case.covered``) and hold it."""
     from evaluation.metrics import challenge_scores
 
     scores = {name: [] for name in method.LABELS.values()}
@@ -43,7 +44,7 @@ def segmentation_scores(model, cases, nsd_tolerance_mm=NSD_TOLERANCE_MM):
         probabilities = model(image[None, ..., None], training=False)["probabilities"]
         prediction = np.argmax(np.asarray(probabilities, dtype=np.float32)[0], axis=-1)
         for label, name in method.LABELS.items():
-            if (labels == label).any():
+            if label in case.covered and (labels == label).any():
                 scores[name].append(dice(prediction == label, labels == label))
                 surface[name].append(challenge_scores(
                     labels == label, prediction == label, crop.spacing_mm[::-1],
@@ -54,16 +55,18 @@ def segmentation_scores(model, cases, nsd_tolerance_mm=NSD_TOLERANCE_MM):
 
 
 def localization_scores(model, cases):
-    """Mean foreground DSC and recall on the localization grid."""
+    """Mean foreground DSC and recall on the localization grid. A partly labelled case gives
+    recall only: its unlabelled organs are foreground its labels do not show."""
     rng = np.random.default_rng(0)
     dsc, recall = [], []
     for case in cases:
         image, foreground = augment.localization_sample(case, rng, augment.AugmentationRanges.none())
         logits = np.asarray(model(image[None, ..., None], training=False), dtype=np.float32)[0]
         predicted = logits[..., 1] > logits[..., 0]
-        dsc.append(dice(predicted, foreground > 0))
+        if set(case.covered) >= set(method.LABELS):
+            dsc.append(dice(predicted, foreground > 0))
         recall.append(float((predicted & (foreground > 0)).sum() / max(1, foreground.sum())))
-    return {"foreground_dsc": round(float(np.mean(dsc)), 4),
+    return {**({"foreground_dsc": round(float(np.mean(dsc)), 4)} if dsc else {}),
             "foreground_recall": round(float(np.mean(recall)), 4)}
 
 
