@@ -3,11 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test clean-venv
+.PHONY: demo test lint clean-venv
 
-$(VENV)/installed: requirements.txt constraints.txt
+# The project itself is installed in place (no dependencies: requirements.txt pins them), for the
+# console scripts predict, evaluate, trace, train and synthetic in .venv/bin (pyproject.toml).
+$(VENV)/installed: requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --requirement requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --editable .
 	touch $@
 
 demo: $(VENV)/installed
@@ -15,6 +18,9 @@ demo: $(VENV)/installed
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q tests
+
+lint: $(VENV)/installed
+	$(VENV)/bin/ruff check .
 
 clean-venv:
 	rm -rf $(VENV)
