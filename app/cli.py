@@ -108,7 +108,8 @@ def organ_volumes_ml(labels, slices_per_block=16):
     for first in range(0, array.shape[0], slices_per_block):
         counts += np.bincount(array[first:first + slices_per_block].ravel(), minlength=256)
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
-    return {name: round(float(counts[label]) * voxel_ml, 2) for label, name in method.LABELS.items()}
+    return {name: round(float(counts[label]) * voxel_ml, 2)
+            for label, name in method.LABELS.items()}
 
 
 def peak_memory_mb():
@@ -152,7 +153,7 @@ def predict_with_cpu_fallback(predictor, image, name):
     """
     try:
         return predictor.predict(image), None
-    except Exception as error:  # noqa: BLE001 - only memory errors are retried, others re-raised
+    except Exception as error:  # only memory errors are retried, others re-raised
         if not is_out_of_memory(error):
             raise
         first_line = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
@@ -347,7 +348,7 @@ def run(input_dir, output_dir, weights_dir=None, report=None, progress=True,
             read_start = time.perf_counter()
             try:
                 image, warnings = pending.result()
-            except Exception as error:  # noqa: BLE001 - one bad case must not stop the rest
+            except Exception as error:  # one bad case must not stop the rest
                 image, warnings, record["error"] = None, [], with_path(case, error)
             if index + 1 < len(todo):
                 pending = reader.submit(read, todo[index + 1])
@@ -359,7 +360,7 @@ def run(input_dir, output_dir, weights_dir=None, report=None, progress=True,
                 try:
                     record.update(segment_one(predictor, image, output_path, read_start, case.name,
                                               replace_1mm_spacing))
-                except Exception as error:  # noqa: BLE001
+                except Exception as error:
                     record["error"] = with_path(case, error)
             if index == 0:
                 record["model_load_seconds"] = round(load_seconds, 3)

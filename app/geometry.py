@@ -43,7 +43,8 @@ class Grid:
         return tuple(n * s for n, s in zip(self.size, self.spacing_mm))
 
     def axis_mm_to_physical(self, axis_mm):
-        """Points in mm along this grid's axes from its origin -> physical points (both (..., 3))."""
+        """Points in mm along this grid's axes from its origin -> physical points (both
+        (..., 3))."""
         matrix = np.array(self.direction).reshape(3, 3)
         return np.asarray(self.origin_mm) + np.asarray(axis_mm) @ matrix.T
 
@@ -54,7 +55,8 @@ class Grid:
 
 
 def centred_grid(parent, centre_axis_mm, size, spacing_mm):
-    """A grid with the parent grid's direction, ``size`` voxels of ``spacing_mm``, centred on a point.
+    """A grid with the parent grid's direction, ``size`` voxels of ``spacing_mm``, centred on a
+    point.
 
     ``centre_axis_mm`` is the centre in mm along the parent's axes from the parent's origin.
     """

@@ -29,7 +29,6 @@ What counts as a case in a folder (not recursive; names starting with "." are ig
 Array axis order follows SimpleITK: sizes and spacings (x, y, z); NumPy views (z, y, x).
 """
 
-import gzip
 import math
 import os
 import re
@@ -1108,7 +1107,8 @@ def verify_written(staged, labels):
             back = sitk.ReadImage(str(staged))
     except (InputError, RuntimeError) as error:
         reason = str(error) if isinstance(error, InputError) else reader_message(error)
-        raise OutputError(f"it does not read back ({reason.replace(str(staged) + ': ', '')})")
+        reason = reason.replace(str(staged) + ": ", "")
+        raise OutputError(f"it does not read back ({reason})") from error
     problem = grid_difference(back, labels)
     if problem is None and back.GetPixelID() != labels.GetPixelID():
         problem = f"pixel type {back.GetPixelIDTypeAsString()}"

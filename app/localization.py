@@ -58,9 +58,11 @@ class Roi:
 def localization_spacing_mm(image_grid):
     """6 mm, or larger so that the whole image fits the largest valid input (METHOD.md)."""
     spacing = method.LOCALIZATION_SPACING_MM
-    largest = (max(method.LOCALIZATION_VALID_SIZES_XY),) * 2 + (max(method.LOCALIZATION_VALID_SIZES_Z),)
+    largest = ((max(method.LOCALIZATION_VALID_SIZES_XY),) * 2
+               + (max(method.LOCALIZATION_VALID_SIZES_Z),))
     ratio = max(math.ceil(extent / spacing) / limit
-                for extent, limit in zip(image_grid.extent_mm, largest)) + method.LOCALIZATION_FIT_SLACK
+                for extent, limit in zip(image_grid.extent_mm, largest))
+    ratio += method.LOCALIZATION_FIT_SLACK
     return spacing * ratio if ratio > 1 else spacing
 
 

@@ -4,8 +4,8 @@ Tensors are channels last with spatial axes in NumPy/SimpleITK array order: (bat
 channels). Architecture, sizes and creation order follow ../shared/METHOD.md ("Networks").
 
 Layer names are stable and describe the place of each variable (for example
-``local_appearance_contracting_2`` / ``conv_1``); the weight importer relies on them, not on the order
-in which Keras lists the weights.
+``local_appearance_contracting_2`` / ``conv_1``); the weight importer relies on them, not on the
+order in which Keras lists the weights.
 """
 
 import math
@@ -246,7 +246,8 @@ class SpatialInputNoise(keras.layers.Layer):
 
 
 def uncertainty_combination(local, spatial):
-    """P = L*u + S*(1 - u), u the binary entropy of S in bits, normalised over channels (float32)."""
+    """P = L*u + S*(1 - u), u the binary entropy of S in bits, normalised over channels
+    (float32)."""
     local = tf.cast(local, tf.float32)
     spatial = tf.cast(spatial, tf.float32)
     eps = 1e-7

@@ -248,7 +248,7 @@ class Predictor:
                 autograph=False)
             self._networks["segmentation"] = tf.function(
                 segmentation, input_signature=[volume], autograph=False)
-        except Exception as error:  # noqa: BLE001 - raised by every network call
+        except Exception as error:  # raised by every network call
             self._load_error = error
             for event in self._ready.values():
                 event.set()
@@ -268,7 +268,7 @@ class Predictor:
         for name, shape_zyx in smallest.items():
             try:
                 self._networks[name](np.zeros((1, *shape_zyx, 1), np.float32)).numpy()
-            except Exception as error:  # noqa: BLE001 - raised by that network's first call
+            except Exception as error:  # raised by that network's first call
                 self._warm_up_errors[name] = error
             finally:
                 self._ready[name].set()
@@ -357,7 +357,8 @@ class Predictor:
             labels=labels,
             roi_index={"start_xyz": list(roi.start), "size_xyz": list(roi.size),
                        "orientation": "canonical LPS voxel axes"},
-            roi_mm={"low_xyz": np.round(low_mm, 2).tolist(), "high_xyz": np.round(high_mm, 2).tolist(),
+            roi_mm={"low_xyz": np.round(low_mm, 2).tolist(),
+                    "high_xyz": np.round(high_mm, 2).tolist(),
                     "extent_xyz": np.round(high_mm - low_mm, 2).tolist()},
             localization_spacing_mm=round(loc_grid.spacing_mm[0], 4),
             segmentation_spacing_mm=round(crop_grid.spacing_mm[0], 4),

@@ -1,6 +1,7 @@
 """Benchmark: our surface Dice against the reference implementation on one full-resolution liver.
 
-    python -m evaluation.benchmark_evaluate [--size 512 512 200] [--spacing 0.8 0.8 2.5] [--repeats 3]
+    python -m evaluation.benchmark_evaluate [--size 512 512 200] [--spacing 0.8 0.8 2.5]
+                                            [--repeats 3]
 
 Builds a label and a realistic prediction of a liver (about 1.7 L, boundary errors of 1-3 mm) in
 a CT-sized grid, once as is and once with a 27-voxel false positive in the far corner of the
@@ -12,6 +13,7 @@ otherwise). The reference needs a few GB of memory for the case with the false p
 """
 
 import argparse
+import functools
 import itertools
 import time
 
@@ -46,7 +48,8 @@ def liver_masks(shape_zyx, spacing_zyx_mm, seed=0):
     high = np.minimum((centre + 1.4 * radii_vox).astype(int), shape_zyx)
     box = tuple(slice(a, b) for a, b in zip(low, high))
     size = tuple(int(b - a) for a, b in zip(low, high))
-    grid = np.meshgrid(*[(np.arange(a, b) - c) / r for a, b, c, r in zip(low, high, centre, radii_vox)],
+    grid = np.meshgrid(*[(np.arange(a, b) - c) / r
+                         for a, b, c, r in zip(low, high, centre, radii_vox)],
                        indexing="ij", sparse=True)
     level = sum(g ** 2 for g in grid) + 0.25 * grid[2] * grid[1]  # a tilted, lobed ellipsoid
     level = level + 0.25 * smooth_field(size, (4, 4, 4), rng)
@@ -114,10 +117,10 @@ def main(argv=None):
     cases = (("liver", prediction),
              ("liver + far 27-voxel FP", with_far_false_positive(prediction)))
     for (case, pred), tolerance_mm in itertools.product(cases, TOLERANCES_MM):
-        reference_s, (ref_dsc, ref_nsd) = best_seconds(
-            lambda: reference_scores(label, pred, spacing, tolerance_mm), args.reference_repeats)
-        ours_s, (our_dsc, our_nsd) = best_seconds(
-            lambda: our_scores(label, pred, spacing, tolerance_mm), args.repeats)
+        reference = functools.partial(reference_scores, label, pred, spacing, tolerance_mm)
+        reference_s, (ref_dsc, ref_nsd) = best_seconds(reference, args.reference_repeats)
+        ours = functools.partial(our_scores, label, pred, spacing, tolerance_mm)
+        ours_s, (our_dsc, our_nsd) = best_seconds(ours, args.repeats)
         identical = abs(ref_dsc - our_dsc) <= 1e-12 and abs(ref_nsd - our_nsd) <= 1e-9
         all_identical &= identical
         print(f"| {case} | {tolerance_mm:g} mm | {reference_s:.2f} | {ours_s:.3f} "

@@ -28,8 +28,9 @@ thread (TensorFlow import, graphs, warm-up run of the localization network), loc
 network, segmentation preprocessing, waiting for the SCN's graph and warm-up, SCN, resampling
 back, write. Reading and writing are SimpleITK's
 own (``write`` at SimpleITK's default gzip level; ``write_level_1`` is the same file at level 1,
-for comparison, outside the stages but inside the process's wall time); ``predict.sh`` rows (``--no-predict-sh`` leaves them out) run the shipped
-command line itself, with its input checks, and give its wall time and peak RSS.
+for comparison, outside the stages but inside the process's wall time); ``predict.sh`` rows
+(``--no-predict-sh`` leaves them out) run the shipped command line itself, with its input checks,
+and give its wall time and peak RSS.
 
 It also prints the networks' arithmetic for the input sizes the cases used (FLOPs of the
 convolutions, counted on the traced graph) and the rate each network achieved, against this
@@ -84,7 +85,7 @@ class RssSampler:
         self.samples = []  # (time.time(), rss bytes)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._statm = open("/proc/self/statm")  # noqa: SIM115 - read repeatedly until stop
+        self._statm = open("/proc/self/statm")  # read repeatedly until stop
         self._page = os.sysconf("SC_PAGE_SIZE")
 
     def _rss(self):

@@ -54,7 +54,8 @@ def overlay(grey, labels, label_ids):
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     for label_id in label_ids:
         where = labels == label_id
-        rgb[where] = (1 - OVERLAY_ALPHA) * rgb[where] + OVERLAY_ALPHA * np.array(organ_colour(label_id))
+        colour = np.array(organ_colour(label_id))
+        rgb[where] = (1 - OVERLAY_ALPHA) * rgb[where] + OVERLAY_ALPHA * colour
     return rgb
 
 

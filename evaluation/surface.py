@@ -30,7 +30,8 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 # The 8 voxels of a 2x2x2 block as offsets (dz, dy, dx), and the bit each one sets in the block's
-# neighbour code. The challenge's convention: bit 7 for offset (0, 0, 0) down to bit 0 for (1, 1, 1).
+# neighbour code. The challenge's convention: bit 7 for offset (0, 0, 0) down to bit 0 for
+# (1, 1, 1).
 BLOCK_OFFSETS = np.array(list(itertools.product((0, 1), repeat=3)))
 BLOCK_BITS = (2 ** (7 - BLOCK_OFFSETS @ np.array([4, 2, 1]))).astype(np.uint8)
 NUM_CODES = 256
@@ -139,7 +140,8 @@ def _largest_triangulation(vertices):
     """
     options = np.array(_triangulations(tuple(range(len(vertices)))))  # (options, n - 2, 3)
     triangles = vertices[options]  # (options, n - 2, 3 vertices, 3 axes)
-    areas = triangle_areas_mm2(triangles.reshape(-1, 3, 3), (1.0, 1.0, 1.0)).reshape(len(options), -1)
+    areas = triangle_areas_mm2(triangles.reshape(-1, 3, 3), (1.0, 1.0, 1.0))
+    areas = areas.reshape(len(options), -1)
     return triangles[int(np.argmax(areas.sum(axis=1)))]
 
 
@@ -168,7 +170,7 @@ def neighbour_code_areas_mm2(spacing_mm):
                        minlength=NUM_CODES)
 
 
-# --- Surfels of a mask --------------------------------------------------------------------------------
+# --- Surfels of a mask ---------------------------------------------------------------------------
 
 def neighbour_codes(mask):
     """Neighbour code (uint8) of every corner of a boolean (z, y, x) mask; shape ``mask.shape + 1``.
@@ -246,7 +248,8 @@ def lattice_distance_mm(offsets, spacing_mm):
 
 
 def offsets_within(spacing_mm, tolerance_mm):
-    """All integer corner offsets (K, 3) with ``lattice_distance_mm <= tolerance_mm``, nearest first.
+    """All integer corner offsets (K, 3) with ``lattice_distance_mm <= tolerance_mm``, nearest
+    first.
 
     Enumerates the box of candidates around the ellipsoid, so it is meant for tolerances of a few
     voxels (``lookup_offsets`` guards the size).
@@ -317,7 +320,8 @@ def lookup_offsets(spacing_mm, tolerance_mm):
 
 
 def within_tolerance(corners, other_corners, spacing_mm, tolerance_mm):
-    """For each corner (N, 3), whether some corner of ``other_corners`` is at most tolerance_mm away.
+    """For each corner (N, 3), whether some corner of ``other_corners`` is at most tolerance_mm
+    away.
 
     First the nearest lattice offsets are looked up (``found_at_offsets``); when they are all the
     offsets in reach (e.g. 1 mm at 0.8 x 0.8 x 2.5 mm: 5 offsets) that is the answer. Otherwise
@@ -343,8 +347,9 @@ def surface_dice_of_points(points_a, points_b, spacing_mm, tolerance_mm):
     if len(areas_a) == 0 and len(areas_b) == 0:
         return 1.0
     total_mm2 = areas_a.sum() + areas_b.sum()
-    overlap_mm2 = (areas_a[within_tolerance(corners_a, corners_b, spacing_mm, tolerance_mm)].sum()
-                   + areas_b[within_tolerance(corners_b, corners_a, spacing_mm, tolerance_mm)].sum())
+    a_near_b = within_tolerance(corners_a, corners_b, spacing_mm, tolerance_mm)
+    b_near_a = within_tolerance(corners_b, corners_a, spacing_mm, tolerance_mm)
+    overlap_mm2 = areas_a[a_near_b].sum() + areas_b[b_near_a].sum()
     return float(overlap_mm2 / total_mm2)
 
 

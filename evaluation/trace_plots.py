@@ -10,9 +10,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 
-from evaluation.trace import FLARE22_GPU_ALLOWANCE_MB  # noqa: E402
+from evaluation.trace import FLARE22_GPU_ALLOWANCE_MB
 
 
 def _save(figure, path):

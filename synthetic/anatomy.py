@@ -133,7 +133,8 @@ def read_label_map(path, covers=None) -> LabelMap:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise ValueError(f"{path}: cannot be read as an image ({str(error).strip()[:200]})")
+        raise ValueError(
+            f"{path}: cannot be read as an image ({str(error).strip()[:200]})") from error
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
         raise ValueError(f"{path}: a label map must be one 3-D scalar image")
     if image.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,

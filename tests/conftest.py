@@ -13,7 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def shared_or_skip(path, why_needed):
-    """``path`` (under ../shared); skipped where absent, but a failure in CI (REQUIRE_SHARED_DATA)."""
+    """``path`` (under ../shared); skipped where absent, but a failure in CI
+    (REQUIRE_SHARED_DATA)."""
     if path.exists():
         return path
     if os.environ.get("REQUIRE_SHARED_DATA"):

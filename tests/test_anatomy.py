@@ -217,7 +217,7 @@ def test_real_maps_render_with_their_organs_in_place():
         geometry = anatomy.CaseGeometry.from_image(label)
         assert set(np.unique(labels)) == {0, 1, 2, 3, 4}, name
 
-        def centroid(value):
+        def centroid(value, labels=labels, geometry=geometry):
             return geometry.index_to_physical(np.argwhere(labels == value)[:, ::-1]).mean(axis=0)
 
         # LPS: the liver on the patient's right (lower x) of the spleen.

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from app.networks import build_scn
-from app.predictor import DEFAULT_WEIGHTS_DIR, LOCALIZATION_WEIGHTS, PROVENANCE, SEGMENTATION_WEIGHTS
+from app.predictor import (DEFAULT_WEIGHTS_DIR, LOCALIZATION_WEIGHTS, PROVENANCE,
+                           SEGMENTATION_WEIGHTS)
 from training.average_weights import main as average_main
 
 

@@ -20,7 +20,8 @@ def test_dockerfile_is_clean_under_hadolint():
 
 def test_runtime_pins_are_the_closure_of_app_imports_at_the_project_versions():
     completed = subprocess.run([sys.executable, str(ROOT / "container" / "check_pins.py")],
-                               capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, cwd=ROOT)
+                               capture_output=True, text=True, encoding="utf-8", errors="replace",
+                               timeout=120, cwd=ROOT)
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
@@ -28,4 +29,5 @@ def test_only_runtime_files_enter_the_build_context():
     allowed = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip().startswith("!")]
     assert {"!predict.sh", "!app/", "!weights/"} <= set(allowed)
-    assert not [line for line in allowed if any(part in line for part in ("tests", "training", "data"))]
+    assert not [line for line in allowed
+                if any(part in line for part in ("tests", "training", "data"))]

@@ -63,7 +63,8 @@ per_replica = strategy.experimental_distribute_values_from_function(
 loss, norm = step(*per_replica)
 trained = [v.numpy() for v in model.trainable_variables]
 result["copies_equal"] = all(
-    np.array_equal(v.value.values[0].numpy(), v.value.values[1].numpy()) for v in model.trainable_variables)
+    np.array_equal(v.value.values[0].numpy(), v.value.values[1].numpy())
+    for v in model.trainable_variables)
 result["iteration"] = int(iteration.numpy())
 ema_expected = [0.1 * a + 0.9 * b for a, b in zip(initial, trained)]  # EMA decay 1/10 at step 0
 result["ema_error"] = max(float(np.abs(e.numpy() - x).max()) for e, x in zip(ema, ema_expected))
@@ -116,7 +117,7 @@ def test_two_replicas_train_as_one_device_on_the_mean_gradient(tmp_path):
                                capture_output=True, text=True, timeout=900,
                                env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
                                     "TF_CPP_MIN_LOG_LEVEL": "2"})
-    lines = [l for l in completed.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     assert completed.returncode == 0 and lines, completed.stdout[-3000:] + completed.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["replicas"] == 2

@@ -181,7 +181,7 @@ def test_any_header_is_refused_by_name_or_segmented_on_its_exact_grid(header, pr
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = main([str(path.parent), str(folder / "out"), "--quiet", "--output-format",
                          "same", "--max-gib", str(MAX_GIB)], predictor=predictor)
-    except Exception:  # noqa: BLE001 - the point: no exception may escape
+    except Exception:  # the point: no exception may escape
         pytest.fail(f"{header}: an exception escaped:\n{traceback.format_exc()}")
     finally:
         signal.alarm(0)

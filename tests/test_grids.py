@@ -53,7 +53,8 @@ def test_roi_is_the_foreground_box_plus_10mm_clipped_to_the_image():
     foreground[10, 12, 14] = True  # one voxel at (x=14, y=12, z=10)
     roi = roi_from_foreground(foreground, loc, image_grid)
     low, high = roi.axis_mm(image_grid)
-    voxel_centre = image_grid.physical_to_axis_mm(loc.axis_mm_to_physical(np.array([14, 12, 10]) * 6.0))
+    voxel_centre = image_grid.physical_to_axis_mm(
+        loc.axis_mm_to_physical(np.array([14, 12, 10]) * 6.0))
     # the box spans the voxel (+-3 mm) plus 10 mm, rounded out to whole image voxels
     assert np.all(low <= voxel_centre - 13.0 + 1e-9) and np.all(low > voxel_centre - 13.0 - 2.0)
     assert np.all(high >= voxel_centre + 13.0 - 1e-9) and np.all(high < voxel_centre + 13.0 + 2.0)
@@ -70,14 +71,16 @@ def test_segmentation_grid_is_2mm_valid_sized_and_centred_on_the_roi():
     assert crop.spacing_mm == (2.0, 2.0, 2.0)
     assert crop.size == (128, 96, 128)
     low, high = roi.axis_mm(image_grid)
-    crop_centre = image_grid.physical_to_axis_mm(crop.axis_mm_to_physical(image_centre_axis_mm(crop)))
+    crop_centre = image_grid.physical_to_axis_mm(
+        crop.axis_mm_to_physical(image_centre_axis_mm(crop)))
     np.testing.assert_allclose(crop_centre, (low + high) / 2, atol=1e-9)
 
 
 def test_segmentation_spacing_grows_for_a_large_roi():
     assert segmentation_spacing_mm((300.0, 240.0, 300.0)) == method.SEGMENTATION_SPACING_MM
     assert segmentation_spacing_mm((400.0, 250.0, 300.0)) == pytest.approx(400 / 160 + 0.1)
-    crop = segmentation_grid(grid((500, 300, 300), (1.0, 1.0, 1.0)), Roi((0, 0, 0), (500, 300, 300)))
+    crop = segmentation_grid(grid((500, 300, 300), (1.0, 1.0, 1.0)),
+                             Roi((0, 0, 0), (500, 300, 300)))
     assert crop.size == (160, 96, 96) and crop.spacing_mm[0] == pytest.approx(500 / 160 + 0.1)
 
 
@@ -150,7 +153,8 @@ def test_canonical_orientation_round_trip_is_exact(direction):
     image.SetSpacing((0.7, 0.9, 3.0))
     image.SetOrigin((12.0, -40.0, 7.5))
     canonical, code = to_canonical(image)
-    np.testing.assert_allclose(np.array(canonical.GetDirection()).reshape(3, 3), np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(np.array(canonical.GetDirection()).reshape(3, 3), np.eye(3),
+                               atol=1e-9)
     # the same physical point holds the same value
     point = image.TransformIndexToPhysicalPoint((1, 2, 3))
     assert canonical[canonical.TransformPhysicalPointToIndex(point)] == image[1, 2, 3]

@@ -25,8 +25,8 @@ from app.segmentation import MAX_CROP_SIZE, MAX_CROP_VOXELS, labels_on_roi, past
 from evaluation.metrics import organ_dice
 from evaluation.roi_coverage import roi_coverage
 from synthetic import CaseGeometry, generate_case
-from tests.test_predictor import rotation
 from tests.conftest import ROOT
+from tests.test_predictor import rotation
 
 UPSTREAM = ROOT.parent / "shared" / "upstream" / "efficientscn"
 FAST = settings(deadline=None, max_examples=25, derandomize=True,

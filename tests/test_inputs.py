@@ -7,7 +7,6 @@ through the real Predictor. Only the GPU running out of memory is simulated.
 import gzip
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np

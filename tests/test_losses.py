@@ -42,4 +42,5 @@ def test_scn_and_localization_losses_fall_as_predictions_improve():
            "spatial_logits": np.zeros_like(target)}
     assert float(scn_loss(good, target)) < float(scn_loss(bad, target))
     fg = one_hot(labels > 0, 2)
-    assert float(localization_loss((fg - 0.5) * 10, fg)) < float(localization_loss(np.zeros_like(fg), fg))
+    assert (float(localization_loss((fg - 0.5) * 10, fg))
+            < float(localization_loss(np.zeros_like(fg), fg)))

@@ -32,7 +32,8 @@ def generated_inputs(tmp_path_factory):
 
 
 def run_predict(*args):
-    return subprocess.run([PREDICT, *map(str, args)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    return subprocess.run([PREDICT, *map(str, args)], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=600)
 
 
 def test_predict_sh_segments_every_case_with_flare_naming_and_reports(generated_inputs, tmp_path):

@@ -26,7 +26,8 @@ def rotation(axis, degrees):
     axis = np.asarray(axis, float) / np.linalg.norm(axis)
     angle = math.radians(degrees)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) * math.cos(angle) + math.sin(angle) * k + (1 - math.cos(angle)) * np.outer(axis, axis)
+    return (np.eye(3) * math.cos(angle) + math.sin(angle) * k
+            + (1 - math.cos(angle)) * np.outer(axis, axis))
 
 
 def geometry(direction_matrix, size=(128, 128, 70), spacing=(3.0, 3.2, 5.0)):
@@ -42,7 +43,8 @@ def geometry(direction_matrix, size=(128, 128, 70), spacing=(3.0, 3.2, 5.0)):
     spacing_on_axes = spacing[physical_axis]
     centre = np.array([5.0, -20.0, -300.0])
     origin = centre - matrix @ (spacing_on_axes * (size_on_axes - 1) / 2)
-    return CaseGeometry(tuple(int(n) for n in size_on_axes), tuple(float(s) for s in spacing_on_axes),
+    return CaseGeometry(tuple(int(n) for n in size_on_axes),
+                        tuple(float(s) for s in spacing_on_axes),
                         tuple(float(o) for o in origin), tuple(float(d) for d in matrix.ravel()))
 
 

@@ -63,7 +63,8 @@ def test_iterations_are_those_of_the_latest_checkpoint_not_the_target(tmp_path):
 def test_a_fine_tuned_network_adds_up_its_runs(tmp_path):
     write_run(tmp_path / "loc", 40, ["40,0.4,20.0,"])
     write_run(tmp_path / "scn", 80, ["40,0.8,12.0,", '80,0.7,30.0,"{""liver"": 0.9}"'])
-    write_run(tmp_path / "tune", 30, ["10,0.6,8.0,", "20,0.6,5.0,", '30,0.5,9.0,"{""liver"": 0.95}"'])
+    write_run(tmp_path / "tune", 30,
+              ["10,0.6,8.0,", "20,0.6,5.0,", '30,0.5,9.0,"{""liver"": 0.95}"'])
     weights = tmp_path / "weights"
     weights.mkdir()
     main(["--weights", str(weights), "--localization-run", str(tmp_path / "loc"),

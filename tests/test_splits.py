@@ -43,7 +43,8 @@ def test_command_line_splits_a_flare_folder(tmp_path, capsys):
     (data / "unlabelled_0000.nii.gz").touch()  # no label: not a training case
     main(["make", "--data", str(data), "--folds", "2", "--out", str(tmp_path / "splits.json")])
     folds = read_splits(tmp_path / "splits.json")
-    assert sorted(folds[0]["validation"] + folds[1]["validation"]) == [f"case_{i}" for i in range(5)]
+    validation = folds[0]["validation"] + folds[1]["validation"]
+    assert sorted(validation) == [f"case_{i}" for i in range(5)]
     assert "5 cases in 2 folds" in capsys.readouterr().out
 
     main(["held-out", "--splits", str(tmp_path / "splits.json"), "--fold", "1", "--data", str(data),

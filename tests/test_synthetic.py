@@ -6,8 +6,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from synthetic import LABELS, CaseGeometry, generate_case, random_geometry, write_case
-from synthetic.generator import patient_of
 from synthetic.__main__ import main as cli_main
+from synthetic.generator import patient_of
 
 IDENTITY = np.eye(3)
 FLIPPED = np.diag([-1.0, 1.0, -1.0])

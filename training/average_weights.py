@@ -6,9 +6,10 @@ Writes a complete weights folder: the chosen network's variables are the element
 folders' (the files must hold the same architecture; keras refuses others), the other network and
 weights.json come from the first folder, and weights.json's entry for the averaged network records
 the folders it was averaged from; the first folder's scores are dropped (they are not the
-average's: ``python -m evaluation.score_weights --weights DIR --update`` writes new ones). The folder is written under a temporary name and renamed into
-place. Averaging only makes sense for weights fine-tuned from one initialisation (snapshots or
-fine-tunings of one run), not for independently trained models such as cross-validation folds.
+average's: ``python -m evaluation.score_weights --weights DIR --update`` writes new ones). The
+folder is written under a temporary name and renamed into place. Averaging only makes sense for
+weights fine-tuned from one initialisation (snapshots or fine-tunings of one run), not for
+independently trained models such as cross-validation folds.
 """
 
 import argparse

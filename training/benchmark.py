@@ -25,7 +25,8 @@ def parse_args(argv=None):
     parser.add_argument("--stages", nargs="+", default=["localization", "segmentation"])
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
                         choices=PRECISIONS, help="float16 (loss scaling) is meant for GPUs")
-    parser.add_argument("--crop-size", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"))
+    parser.add_argument("--crop-size", type=int, nargs=3, default=(64, 64, 64),
+                        metavar=("Z", "Y", "X"))
     parser.add_argument("--steps", type=int, default=10, help="timed steps after 2 warm-up steps")
     parser.add_argument("--samples", type=int, default=20, help="timed augmented samples per stage")
     parser.add_argument("--workers", type=int, default=2,
@@ -131,11 +132,13 @@ def main(argv=None):
         cases, generating, preparing = prepared_cases(args.cache or Path(temporary))
         if preparing:
             print(f"\nper generated case (256 x 256 in plane), {len(preparing)} cases: generation "
-                  f"{np.mean(generating):.2f} s, preparation for training {np.mean(preparing):.2f} s")
+                  f"{np.mean(generating):.2f} s, preparation for training "
+                  f"{np.mean(preparing):.2f} s")
         print(f"\n| stage | augmented samples / s ({args.workers} parallel calls) |")
         print("|---|---|")
         for stage in args.stages:
-            rate = pipeline_samples_per_second(stage, cases, args.crop_size, args.samples, args.workers)
+            rate = pipeline_samples_per_second(stage, cases, args.crop_size, args.samples,
+                                               args.workers)
             print(f"| {stage} | {rate:.2f} |", flush=True)
 
 

@@ -69,7 +69,8 @@ def link_held_out(splits_path, fold, data_dirs, out_dir):
     from training.cases import find_cases
 
     _, held_out = fold_of(splits_path, fold)
-    found = {name: (image, label) for folder in data_dirs for name, image, label in find_cases(folder)}
+    found = {name: (image, label)
+             for folder in data_dirs for name, image, label in find_cases(folder)}
     missing = sorted(held_out - set(found))
     if missing:
         raise ValueError(f"{splits_path}: fold {fold} names cases not found in the data: "
