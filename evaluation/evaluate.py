@@ -1,7 +1,8 @@
 """Score a folder of predictions against reference labels: DSC and NSD per organ, as FLARE does.
 
     python -m evaluation.evaluate --pred DIR --labels DIR [--out FILE.csv] [--protocol flare22]
-        [--workers N] [--resample] [--previews DIR [--previews-worst N] [--images DIR]]
+        [--labelled FILE] [--workers N] [--resample]
+        [--previews DIR [--previews-worst N] [--images DIR]]
 
 Files pair by case name: ``NAME.nii.gz`` (or ``NAME_0000.nii.gz``, the image naming) in both
 folders. Every organ of every case gets DSC and NSD (evaluation.surface: the surface Dice of the
@@ -10,6 +11,12 @@ case and organ), FILE.md and FILE.json (summary per organ: mean +- std, median) 
 Markdown. A case that cannot be scored (unreadable file, no label, another grid) is reported with
 its file and reason; the others go on, and the exit status is 1. ``evaluate_folder`` is the same
 as a Python function.
+
+Partly labelled references (a liver-only data set, say): a declaration of which organs each label
+covers (``--labelled FILE``, or a labelled.json / dataset.json in the labels folder or the folder
+above it; format in training/coverage.py) limits each case to its covered organs, and each organ's
+mean is over the cases that cover it. Without one, every organ of every case is scored (FLARE
+rules: an organ absent from the label but predicted scores 0).
 """
 
 import argparse
@@ -27,6 +34,7 @@ import SimpleITK as sitk
 
 from app import method
 from evaluation.metrics import challenge_scores, same_grid
+from training.coverage import DECLARATION_FILES, covered_organs, read_declaration
 
 # Challenge rules (../shared/METHOD.md, "Challenge evaluation").
 FLARE21_TOLERANCE_MM = 1.0
@@ -64,6 +72,8 @@ class Evaluation:
     labels_without_prediction: list = field(default_factory=list)
     resampled: list = field(default_factory=list)
     outputs: dict = field(default_factory=dict)  # "csv", "markdown", "json", "previews" -> paths
+    labelled: Path | None = None  # the declaration of partly labelled cases, if any
+    partial_cases: dict = field(default_factory=dict)  # case -> organ names its label covers
 
 
 # --- Options ---------------------------------------------------------------------------------------
@@ -178,6 +188,27 @@ def prediction_on_label_grid(prediction, label, prediction_path, label_path, res
                         "(--resample resamples it onto the label grid, nearest neighbour)")
     return sitk.Resample(prediction, label, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                          prediction.GetPixelID()), True
+
+
+def find_declaration(labels_dir):
+    """The labelled.json or dataset.json in ``labels_dir``, else in the folder above it (a FLARE
+    folder holding images/ and labels/, or an nnU-Net one holding labelsTr/); None if none."""
+    for folder in (Path(labels_dir), Path(labels_dir).parent):
+        for name in DECLARATION_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def organs_by_case(cases, organs, labelled):
+    """{case: the part of ``organs`` (label id -> name) its label covers} as the declaration
+    file ``labelled`` says (None: every organ for every case). Raises ValueError
+    (training.coverage.DeclarationError) naming the file for a bad declaration."""
+    if labelled is None:
+        return {case: dict(organs) for case in cases}
+    declarations = read_declaration(labelled, organs)
+    return {case: {label_id: name for label_id, name in organs.items()
+                   if label_id in covered_organs(declarations, case)} for case in cases}
 
 
 # --- Scoring ---------------------------------------------------------------------------------------
@@ -298,6 +329,13 @@ def summary_markdown(evaluation):
                        f"{100 * values['median']:.2f}"] if values else ["-", "-"])
         lines.append(f"| {organ} | {scores['cases']} | {' | '.join(cells)} "
                      f"| {scores['nsd_tolerance_mm']:g} mm |")
+    if evaluation.partial_cases:
+        lines += ["", f"Partly labelled ({evaluation.labelled}): "
+                      f"{len(evaluation.partial_cases)} cases are scored on the organs their "
+                      "labels cover, so each organ's mean is over the cases that cover it "
+                      "(column cases): "
+                      + ", ".join(f"{case} ({', '.join(organs) or 'none'})"
+                                  for case, organs in evaluation.partial_cases.items()) + "."]
     if evaluation.resampled:
         lines += ["", f"Resampled onto the label grid (nearest neighbour): "
                       f"{len(evaluation.resampled)} predictions: {', '.join(evaluation.resampled)}."]
@@ -332,6 +370,8 @@ def summary_json(evaluation):
     document = {**evaluation.summary, "failures": evaluation.failures,
                 "labels_without_prediction": evaluation.labels_without_prediction,
                 "resampled_cases": evaluation.resampled,
+                "labelled": str(evaluation.labelled) if evaluation.labelled else None,
+                "partial_cases": evaluation.partial_cases,
                 "outputs": {key: str(value) for key, value in evaluation.outputs.items()}}
     return json.dumps(document, indent=2) + "\n"
 
@@ -375,7 +415,7 @@ def preview_title(case, rows):
 
 def evaluate_folder(pred_dir, labels_dir, out=None, organs=None, protocol="flare21",
                     tolerance_mm=None, workers=DEFAULT_WORKERS, resample=False, previews_dir=None,
-                    previews_worst=None, images_dir=None, progress=True):
+                    previews_worst=None, images_dir=None, progress=True, labelled="find"):
     """Score every prediction in ``pred_dir`` against its label in ``labels_dir``.
 
     Writes ``out`` (CSV; default ``pred_dir/evaluation.csv``) and the summary next to it (same
@@ -384,8 +424,12 @@ def evaluate_folder(pred_dir, labels_dir, out=None, organs=None, protocol="flare
     (per-organ tolerances, NSD = 0 where DSC < 0.2); ``tolerance_mm`` overrides the tolerances.
     ``resample``: predictions on another grid are resampled (nearest neighbour) instead of failing.
     ``previews_dir``: a PNG per case (the ``previews_worst`` worst by mean DSC, or all), with the
-    CT from ``images_dir`` when given. ``workers``: processes (default: CPUs, at most 8). Cases that fail are in ``Evaluation.failures``; raises
-    ValueError only when nothing can be scored at all (missing folders, no predictions, options).
+    CT from ``images_dir`` when given. ``labelled``: the declaration of which organs each label
+    covers (a labelled.json or dataset.json path), "find" (default) to look for one beside the
+    labels (``find_declaration``), or None for none; each case is scored on its covered organs
+    only. ``workers``: processes (default: CPUs, at most 8). Cases that fail are in
+    ``Evaluation.failures``; raises ValueError only when nothing can be scored at all (missing
+    folders, no predictions, options, a bad declaration).
     """
     organs = dict(organs or method.LABELS)
     rules = make_protocol(protocol, organs, tolerance_mm)
@@ -399,9 +443,14 @@ def evaluate_folder(pred_dir, labels_dir, out=None, organs=None, protocol="flare
     if out.suffix.lower() != ".csv":
         raise ValueError(f"the output {out} must end in .csv (the summary goes next to it as "
                          ".md and .json)")
+    if labelled == "find":
+        labelled = find_declaration(labels_dir)
+    elif labelled is not None and not Path(labelled).is_file():
+        raise ValueError(f"the declaration {labelled} does not exist")
+    case_organs = organs_by_case(predictions, organs, labelled)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    jobs = [(case, paths, labels.get(case, []), organs, rules, resample)
+    jobs = [(case, paths, labels.get(case, []), case_organs[case], rules, resample)
             for case, paths in sorted(predictions.items())]
     rows, failures, resampled = [], {}, []
     for case, case_rows, error in run_jobs(_score_job, jobs, workers, "scoring", progress):
@@ -417,6 +466,9 @@ def evaluate_folder(pred_dir, labels_dir, out=None, organs=None, protocol="flare
     rows.sort(key=lambda row: (row["case"], order[row["organ"]]))
     evaluation = Evaluation(rows, summarise(rows, organs, rules), failures,
                             sorted(set(labels) - set(predictions)), sorted(resampled))
+    evaluation.labelled = Path(labelled) if labelled is not None else None
+    evaluation.partial_cases = {case: list(covered.values()) for case, covered
+                                in sorted(case_organs.items()) if len(covered) < len(organs)}
     evaluation.outputs = {"csv": out, "markdown": out.with_suffix(".md"),
                           "json": out.with_suffix(".json")}
     if previews_dir is not None and rows:
@@ -467,6 +519,10 @@ def parse_args(argv=None):
                         help="flare21: NSD at 1 mm; flare22: liver 5, kidney 3, spleen 3, pancreas "
                              "5 mm and NSD = 0 where DSC < 0.2")
     parser.add_argument("--tolerance-mm", type=float, help="NSD tolerance for every organ (mm)")
+    parser.add_argument("--labelled", type=Path, default=None,
+                        help="labelled.json or dataset.json declaring which organs each label "
+                             "covers (default: one found in the labels folder or above it); "
+                             "cases are scored on covered organs only")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help="cases scored in parallel processes (default: CPUs, at most 8)")
     parser.add_argument("--resample", action="store_true",
@@ -491,7 +547,8 @@ def main(argv=None):
     try:
         evaluation = evaluate_folder(args.pred, args.labels, args.out, args.organs, args.protocol,
                                      args.tolerance_mm, args.workers, args.resample, args.previews,
-                                     args.previews_worst, args.images, progress=not args.quiet)
+                                     args.previews_worst, args.images, progress=not args.quiet,
+                                     labelled=args.labelled or "find")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from app import method
 from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE, Predictor
 from evaluation.metrics import challenge_scores, same_grid
 from evaluation.roi_coverage import SHARED_DATA, labels_on_image_grid, real_cases
+from training.coverage import FOLDER_KEY, folder_declarations
 
 TEST_SEED_OFFSET = 3_000_000
 ANATOMY_TEST_SEED_OFFSET = 5_000_000
@@ -112,17 +113,19 @@ def score_real(predictor):
 
 
 def partial_cases(shared_data=SHARED_DATA):
-    """(name, image, labels, organs covered) of the partly labelled real CT."""
+    """(name, image, labels, names of the organs covered) of the partly labelled real CT: the
+    cases of ``shared_data/partial`` its labelled.json declares (training.coverage)."""
+    from training.cases import case_coverage
+
     folder = shared_data / "partial"
-    declared = folder / "labelled.json"
-    if not declared.is_file():
+    if not (folder / "labelled.json").is_file():
         return
-    for name, organs in sorted(json.loads(declared.read_text()).items()):
-        image_path = folder / "images" / f"{name}_0000.nii.gz"
-        label_path = folder / "labels" / f"{name}.nii.gz"
-        if image_path.is_file() and label_path.is_file():
-            yield (name, sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)),
-                   tuple(organs))
+    declared = folder_declarations(folder)
+    for name, covered in sorted(case_coverage(folder).items()):
+        if name in declared or FOLDER_KEY in declared:
+            yield (name, sitk.ReadImage(str(folder / "images" / f"{name}_0000.nii.gz")),
+                   sitk.ReadImage(str(folder / "labels" / f"{name}.nii.gz")),
+                   tuple(method.LABELS[label] for label in covered))
 
 
 def score_anatomy(predictor, folder, in_plane_size):

@@ -342,3 +342,91 @@ def test_the_sample_pipeline_carries_each_sample_coverage():
         expected = make_sample(np.random.default_rng([5, index]))[2]
         assert image.shape == (1, 4, 4, 4, 1) and coverage.shape == (1, 5)
         np.testing.assert_array_equal(coverage.numpy()[0], expected)
+
+
+# --- Evaluation -----------------------------------------------------------------------------------
+
+def write_label_map(path, array):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing((1.5, 1.5, 2.0))
+    image.SetOrigin((-10.0, 5.0, 30.0))
+    sitk.WriteImage(image, str(path))
+
+
+@pytest.fixture
+def partly_labelled_folder(tmp_path):
+    """data/labels: "full" labels every organ, "liver_only" its liver alone (its other organs,
+    background in the label, are in the image); pred/: both predicted perfectly, every organ."""
+    truth = np.zeros((16, 20, 24), np.uint8)
+    truth[2:8, 2:10, 2:10] = 1
+    truth[2:8, 12:16, 2:8] = 2
+    truth[9:14, 2:8, 12:20] = 3
+    truth[10:14, 12:18, 14:22] = 4
+    labels, predictions = tmp_path / "data" / "labels", tmp_path / "pred"
+    labels.mkdir(parents=True)
+    predictions.mkdir()
+    write_label_map(labels / "full.nii.gz", truth)
+    write_label_map(labels / "liver_only.nii.gz", np.where(truth == 1, 1, 0))
+    for case in ("full", "liver_only"):
+        write_label_map(predictions / f"{case}.nii.gz", truth)
+    return tmp_path
+
+
+def test_evaluation_scores_only_the_organs_a_declared_label_covers(partly_labelled_folder):
+    from evaluation.evaluate import evaluate_folder
+
+    root = partly_labelled_folder
+    (root / "data" / "labelled.json").write_text('{"liver_only": ["liver"]}')
+    evaluation = evaluate_folder(root / "pred", root / "data" / "labels", workers=1,
+                                 progress=False)
+    assert evaluation.labelled == root / "data" / "labelled.json"
+    assert [row["organ"] for row in evaluation.rows if row["case"] == "liver_only"] == ["liver"]
+    organs = evaluation.summary["organs"]
+    assert organs["liver"]["cases"] == 2 and organs["spleen"]["cases"] == 1
+    assert all(organs[name]["dsc"]["mean"] == 1.0 for name in organs)
+    assert evaluation.partial_cases == {"liver_only": ["liver"]}
+    markdown = evaluation.outputs["markdown"].read_text()
+    assert "Partly labelled" in markdown and "liver_only (liver)" in markdown
+    summary = json.loads(evaluation.outputs["json"].read_text())
+    assert summary["partial_cases"] == {"liver_only": ["liver"]}
+    assert summary["organs"]["pancreas"]["cases"] == 1
+
+
+def test_without_a_declaration_evaluation_keeps_the_flare_rule(partly_labelled_folder):
+    from evaluation.evaluate import evaluate_folder
+
+    root = partly_labelled_folder
+    evaluation = evaluate_folder(root / "pred", root / "data" / "labels", workers=1,
+                                 progress=False)
+    assert evaluation.labelled is None and evaluation.partial_cases == {}
+    spleen = [row for row in evaluation.rows if row["organ"] == "spleen"]
+    assert [(row["case"], row["dsc"], row["nsd"]) for row in spleen] == [
+        ("full", 1.0, 1.0), ("liver_only", 0.0, 0.0)]  # predicted but not in the label
+    assert evaluation.summary["organs"]["spleen"]["cases"] == 2
+    assert evaluation.summary["organs"]["spleen"]["dsc"]["mean"] == 0.5
+
+
+def test_evaluate_cli_reads_labelled_file_and_names_a_bad_one(partly_labelled_folder, capsys):
+    from evaluation.evaluate import main
+
+    root = partly_labelled_folder
+    declaration = root / "dataset.json"  # not beside the labels: found only when given
+    declaration.write_text(json.dumps({"training": [
+        {"image": "./imagesTr/liver_only_0000.nii.gz", "label": "./labelsTr/liver_only.nii.gz",
+         "labelled": ["liver"]}]}))
+    out = root / "scores.csv"
+    assert main(["--pred", str(root / "pred"), "--labels", str(root / "data" / "labels"),
+                 "--out", str(out), "--labelled", str(declaration), "--quiet"]) == 0
+    assert "liver_only (liver)" in capsys.readouterr().out
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["labelled"] == str(declaration)
+    assert summary["organs"]["kidney"]["cases"] == 1
+
+    bad = root / "labelled.json"
+    bad.write_text('{"liver_only": ["liver", "gallbladder"]}')
+    assert main(["--pred", str(root / "pred"), "--labels", str(root / "data" / "labels"),
+                 "--out", str(out), "--labelled", str(bad), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert str(bad) in error and "gallbladder" in error
