@@ -1,0 +1,125 @@
+"""Apply rule R-anatomy (weights/MODEL_CARD.md) to the scores of the shipped weights and of the
+candidates, as ``python -m evaluation.score_weights --anatomy ... --json FILE`` writes them.
+
+    python -m evaluation.shipping_rule BASELINE.json A=CANDIDATE_A.json [B=CANDIDATE_B.json]
+
+Prints every condition with both numbers and PASS/FAIL per candidate, then the candidate the rule
+ships (or none). The thresholds are the rule's, fixed before any candidate was scored; change them
+only with a new rule in the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ORGANS = ("liver", "kidney", "spleen", "pancreas")
+
+
+def _organ_means(section: dict, metric: str) -> dict[str, float]:
+    return {organ: section[metric][organ]["mean"] for organ in ORGANS if organ in section[metric]}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def conditions(base: dict, cand: dict) -> list[tuple[str, bool, str]]:
+    """(condition, holds, numbers) for each of the rule's conditions."""
+    out = []
+    anatomy_base, anatomy_cand = base["anatomy_held_out"], cand["anatomy_held_out"]
+    for metric, rise, fall in (("dsc", 0.02, 0.01), ("nsd_1mm", 0.02, 0.02)):
+        b, c = _organ_means(anatomy_base, metric), _organ_means(anatomy_cand, metric)
+        gain = _mean(c.values()) - _mean(b.values())
+        out.append((f"1. held-out anatomy: mean {metric} rises >= {rise}", gain >= rise - 1e-9,
+                    f"{_mean(b.values()):.4f} -> {_mean(c.values()):.4f} ({gain:+.4f})"))
+        worst = min(b, key=lambda organ: c[organ] - b[organ])
+        out.append((f"1. held-out anatomy: no organ's {metric} falls > {fall}",
+                    all(c[o] - b[o] >= -fall - 1e-9 for o in b),
+                    f"worst {worst} {b[worst]:.4f} -> {c[worst]:.4f}"))
+    real_b, real_c = base["real_ct"], cand["real_ct"]
+    chaos_b, chaos_c = real_b["chaos_ct3"]["liver"], real_c["chaos_ct3"]["liver"]
+    out.append(("2. chaos_ct3 liver DSC >= baseline - 0.01",
+                chaos_c["dsc"] >= chaos_b["dsc"] - 0.01 - 1e-9,
+                f"{chaos_b['dsc']:.4f} -> {chaos_c['dsc']:.4f}"))
+    out.append(("2. chaos_ct3 liver NSD >= baseline - 0.02",
+                chaos_c["nsd"] >= chaos_b["nsd"] - 0.02 - 1e-9,
+                f"{chaos_b['nsd']:.4f} -> {chaos_c['nsd']:.4f}"))
+    dicom = real_c["ts_dicom"]
+    out.append(("3. ts_dicom liver DSC >= 0.94", dicom["liver"]["dsc"] >= 0.94,
+                f"{dicom['liver']['dsc']:.4f}"))
+    out.append(("3. ts_dicom spleen DSC >= 0.90", dicom["spleen"]["dsc"] >= 0.90,
+                f"{dicom['spleen']['dsc']:.4f}"))
+
+    def pancreas(real):
+        return 0.5 * (real["ts_example"]["pancreas"]["dsc"] + real["ts_dicom"]["pancreas"]["dsc"])
+
+    out.append(("4. mean real pancreas DSC >= baseline - 0.03",
+                pancreas(real_c) >= pancreas(real_b) - 0.03 - 1e-9,
+                f"{pancreas(real_b):.4f} -> {pancreas(real_c):.4f}"))
+    example_b, example_c = real_b["ts_example"], real_c["ts_example"]
+    worst = min(example_b, key=lambda o: example_c[o]["dsc"] - example_b[o]["dsc"])
+    out.append(("5. ts_example: no organ's DSC falls > 0.03",
+                all(example_c[o]["dsc"] >= example_b[o]["dsc"] - 0.03 - 1e-9 for o in example_b),
+                f"worst {worst} {example_b[worst]['dsc']:.4f} -> {example_c[worst]['dsc']:.4f}"))
+    b = _organ_means(base["generated_unseen"], "dsc")
+    c = _organ_means(cand["generated_unseen"], "dsc")
+    worst = min(b, key=lambda organ: c[organ] - b[organ])
+    out.append(("6. generated: no organ's mean DSC falls > 0.015",
+                all(c[o] >= b[o] - 0.015 - 1e-9 for o in b),
+                f"worst {worst} {b[worst]:.4f} -> {c[worst]:.4f}"))
+    return out
+
+
+def anatomy_merit(scores: dict) -> float:
+    """The tie-break: mean of (held-out anatomy mean DSC, mean NSD)."""
+    section = scores["anatomy_held_out"]
+    return 0.5 * (_mean(_organ_means(section, "dsc").values())
+                  + _mean(_organ_means(section, "nsd_1mm").values()))
+
+
+def choose(base: dict, candidates: dict[str, dict]) -> str | None:
+    """The candidate the rule ships: B when both pass unless A's merit is higher by > 0.01."""
+    passing = [name for name, scores in candidates.items()
+               if all(holds for _, holds, _ in conditions(base, scores))]
+    if not passing:
+        return None
+    if set(passing) == {"A", "B"}:
+        gap = anatomy_merit(candidates["A"]) - anatomy_merit(candidates["B"])
+        return "A" if gap > 0.01 + 1e-9 else "B"
+    return passing[0]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("baseline", type=Path, help="scores of the shipped weights")
+    parser.add_argument("candidates", nargs="+", metavar="NAME=FILE",
+                        help="candidate scores, named A and B as in the rule")
+    args = parser.parse_args(argv)
+    named = {}
+    for item in args.candidates:
+        name, sep, path = item.partition("=")
+        if not sep or name not in ("A", "B") or name in named:
+            parser.error(f"candidates are A=FILE and B=FILE, each once: {item!r}")
+        named[name] = Path(path)
+    args.candidates = named
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    base = json.loads(args.baseline.read_text())
+    candidates = {name: json.loads(path.read_text()) for name, path in args.candidates.items()}
+    for name, scores in candidates.items():
+        print(f"candidate {name} ({args.candidates[name]}):")
+        for text, holds, numbers in conditions(base, scores):
+            print(f"  {'PASS' if holds else 'FAIL'}  {text}: {numbers}")
+    chosen = choose(base, candidates)
+    print(f"ships: {chosen if chosen else 'nothing (no candidate passes)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
