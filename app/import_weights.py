@@ -14,6 +14,10 @@ stage 2; METHOD.md), which the ``Predictor`` then applies.
 A folder always holds both networks, so that the predictor can use it: a network not imported is
 copied from ``--fill-from`` (default: this project's ``weights/``), announced on the terminal and
 recorded in weights.json with its own origin, license and preprocessing.
+
+License: the published models are GPL-3.0 and are not shipped with this project. The folder this
+writes holds their converted variables, stays under GPL-3.0 (their ``LICENSE*`` files are copied
+into it) and is not covered by this project's Apache-2.0 license (NOTICE).
 """
 
 import argparse

