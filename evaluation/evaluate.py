@@ -76,7 +76,7 @@ class Evaluation:
     partial_cases: dict = field(default_factory=dict)  # case -> organ names its label covers
 
 
-# --- Options ---------------------------------------------------------------------------------------
+# --- Options --------------------------------------------------------------------------------------
 
 def parse_organs(text):
     """``"1:liver,2:kidney"`` -> ``{1: "liver", 2: "kidney"}``."""
@@ -112,7 +112,7 @@ def make_protocol(name, organs, tolerance_mm=None):
     return Protocol(name, tolerances, FLARE22_NSD_ZERO_BELOW_DSC if name == "flare22" else None)
 
 
-# --- Files -----------------------------------------------------------------------------------------
+# --- Files ----------------------------------------------------------------------------------------
 
 def case_name(path):
     """Case name of an image file: ``NAME.nii.gz`` and ``NAME_0000.nii.gz`` are both NAME; None for
@@ -155,7 +155,8 @@ def read_image(path, role):
         raise CaseError(f"cannot read {role} {path}: {reason}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"{role} {path} is not a 3-D single-channel image "
-                        f"({image.GetDimension()}-D, {image.GetNumberOfComponentsPerPixel()} channels)")
+                        f"({image.GetDimension()}-D, "
+                        f"{image.GetNumberOfComponentsPerPixel()} channels)")
     return image
 
 
@@ -211,7 +212,7 @@ def organs_by_case(cases, organs, labelled):
                    if label_id in covered_organs(declarations, case)} for case in cases}
 
 
-# --- Scoring ---------------------------------------------------------------------------------------
+# --- Scoring --------------------------------------------------------------------------------------
 
 def score_images(label, prediction, organs, protocol):
     """Rows (dicts, ``CSV_COLUMNS`` but case and resampling) of a label and a prediction image on
@@ -263,7 +264,7 @@ def _score_job(job):
                                 resample), None
     except CaseError as error:
         return case, None, str(error)
-    except Exception as error:  # noqa: BLE001 - one bad case must not stop the others
+    except Exception as error:
         return case, None, f"{type(error).__name__} while scoring {prediction_paths[0]}: {error}"
 
 
@@ -275,8 +276,9 @@ def report(message):
 
 
 def run_jobs(function, jobs, workers, description, progress):
-    """Results ``(case, payload, error)`` of ``function(job)`` for each job (``job[0]`` is the case),
-    in completion order, with a progress bar; ``workers`` > 1 runs them in that many processes."""
+    """Results ``(case, payload, error)`` of ``function(job)`` for each job (``job[0]`` is the
+    case), in completion order, with a progress bar; ``workers`` > 1 runs them in that many
+    processes."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc=description, unit="case", disable=not progress,
@@ -292,12 +294,12 @@ def run_jobs(function, jobs, workers, description, progress):
             for future in as_completed(futures):
                 try:
                     yield future.result()
-                except Exception as error:  # noqa: BLE001 - e.g. a worker killed for memory
+                except Exception as error:
                     yield futures[future][0], None, f"worker process failed: {error!r}"
                 bar.update()
 
 
-# --- Summary and output ----------------------------------------------------------------------------
+# --- Summary and output ---------------------------------------------------------------------------
 
 def summarise(rows, organs, protocol):
     """Per organ: number of cases and mean, std (population, ddof=0) and median of DSC and NSD."""
@@ -307,8 +309,10 @@ def summarise(rows, organs, protocol):
         per_organ[organ] = {"cases": len(scores), "nsd_tolerance_mm": protocol.tolerances_mm[organ]}
         for metric in ("dsc", "nsd"):
             values = np.array([row[metric] for row in scores], dtype=float)
-            per_organ[organ][metric] = ({"mean": float(values.mean()), "std": float(values.std()),
-                                         "median": float(np.median(values))} if len(values) else None)
+            per_organ[organ][metric] = ({"mean": float(values.mean()),
+                                         "std": float(values.std()),
+                                         "median": float(np.median(values))}
+                                        if len(values) else None)
     return {"protocol": protocol.name, "nsd_zero_below_dsc": protocol.nsd_zero_below_dsc,
             "cases": len({row["case"] for row in rows}), "organs": per_organ}
 
@@ -338,9 +342,11 @@ def summary_markdown(evaluation):
                                   for case, organs in evaluation.partial_cases.items()) + "."]
     if evaluation.resampled:
         lines += ["", f"Resampled onto the label grid (nearest neighbour): "
-                      f"{len(evaluation.resampled)} predictions: {', '.join(evaluation.resampled)}."]
+                      f"{len(evaluation.resampled)} predictions: "
+                      f"{', '.join(evaluation.resampled)}."]
     if evaluation.labels_without_prediction:
-        lines += ["", f"Not scored, no prediction: {len(evaluation.labels_without_prediction)} labels: "
+        lines += ["", "Not scored, no prediction: "
+                      f"{len(evaluation.labels_without_prediction)} labels: "
                       f"{', '.join(evaluation.labels_without_prediction)}."]
     if evaluation.failures:
         lines += ["", f"Failed: {len(evaluation.failures)} cases:"]
@@ -376,7 +382,7 @@ def summary_json(evaluation):
     return json.dumps(document, indent=2) + "\n"
 
 
-# --- Previews --------------------------------------------------------------------------------------
+# --- Previews -------------------------------------------------------------------------------------
 
 def _preview_job(job):
     """Write one preview PNG: (case, path, None) or (case, None, error message)."""
@@ -391,7 +397,7 @@ def _preview_job(job):
         return case, write_preview(png_path, label, prediction, organs, image, title), None
     except CaseError as error:
         return case, None, str(error)
-    except Exception as error:  # noqa: BLE001 - a failed preview must not stop the others
+    except Exception as error:
         return case, None, f"{type(error).__name__} while drawing {png_path}: {error}"
 
 
@@ -411,7 +417,7 @@ def preview_title(case, rows):
     return f"{case}    DSC / NSD: {scores}"
 
 
-# --- The folder ------------------------------------------------------------------------------------
+# --- The folder -----------------------------------------------------------------------------------
 
 def evaluate_folder(pred_dir, labels_dir, out=None, organs=None, protocol="flare21",
                     tolerance_mm=None, workers=DEFAULT_WORKERS, resample=False, previews_dir=None,
@@ -484,7 +490,8 @@ def evaluate_folder(pred_dir, labels_dir, out=None, organs=None, protocol="flare
 def write_previews(evaluation, predictions, labels, images_dir, previews_dir, organs, resample,
                    count, workers, progress):
     """Preview PNGs ``previews_dir/CASE.png`` of the ``count`` worst scored cases (or all); a
-    preview that fails is reported on stderr and in ``evaluation.failures`` as ``CASE (preview)``."""
+    preview that fails is reported on stderr and in ``evaluation.failures`` as
+    ``CASE (preview)``."""
     previews_dir.mkdir(parents=True, exist_ok=True)
     images = files_by_case(images_dir, prefer_image_naming=True) if images_dir is not None else {}
     jobs = [(case, predictions[case][0], labels[case][0], (images.get(case) or [None])[0],
@@ -496,7 +503,7 @@ def write_previews(evaluation, predictions, labels, images_dir, previews_dir, or
             report(f"error: {case}: preview: {error}")
 
 
-# --- Command line ----------------------------------------------------------------------------------
+# --- Command line ---------------------------------------------------------------------------------
 
 def organs_option(text):
     """argparse type for --organs."""
@@ -514,7 +521,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, help=f"CSV to write (default PRED/{DEFAULT_OUT_NAME}); "
                         "the summary goes next to it as .md and .json")
     parser.add_argument("--organs", type=organs_option, default=dict(method.LABELS),
-                        help="label ids and names, e.g. 1:liver,2:kidney,3:spleen,4:pancreas (default)")
+                        help="label ids and names, e.g. 1:liver,2:kidney,3:spleen,4:pancreas "
+                             "(default)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="flare21",
                         help="flare21: NSD at 1 mm; flare22: liver 5, kidney 3, spleen 3, pancreas "
                              "5 mm and NSD = 0 where DSC < 0.2")

@@ -37,7 +37,8 @@ def organ_dice(prediction, reference, labels=method.LABELS):
     return {name: dice(predicted == label, expected == label) for label, name in labels.items()}
 
 
-def challenge_scores(label_mask, prediction_mask, spacing_mm, tolerance_mm, nsd_zero_below_dsc=None):
+def challenge_scores(label_mask, prediction_mask, spacing_mm, tolerance_mm,
+                     nsd_zero_below_dsc=None):
     """(DSC, NSD) of one organ as the FLARE challenges score it (../shared/METHOD.md).
 
     Masks are boolean (z, y, x) arrays on the label's grid, ``spacing_mm`` the label's spacing in

@@ -19,7 +19,8 @@ from scipy import ndimage
 from surface_distance import lookup_tables
 
 from evaluation import surface
-from evaluation.evaluate import case_name, evaluate_folder, files_by_case, make_protocol, parse_organs
+from evaluation.evaluate import (case_name, evaluate_folder, files_by_case, make_protocol,
+                                 parse_organs)
 from evaluation.metrics import challenge_scores
 from tests.conftest import ROOT
 
@@ -82,7 +83,8 @@ def random_pair(seed):
         prediction = ndimage.binary_dilation(label) & ~(rng.random(shape) < 0.05)
         prediction = ndimage.binary_erosion(prediction) if seed % 8 == 0 else prediction
     elif kind == 1:
-        prediction = np.roll(label, tuple(int(k) for k in rng.integers(-2, 3, size=3)), axis=(0, 1, 2))
+        shift = tuple(int(k) for k in rng.integers(-2, 3, size=3))
+        prediction = np.roll(label, shift, axis=(0, 1, 2))
     elif kind == 2:
         prediction = blob()
     else:
@@ -112,7 +114,8 @@ def test_neighbour_codes_follow_the_reference_bit_order():
     mask = np.random.default_rng(3).random((7, 6, 5)) < 0.4
     # The reference correlates its 2x2x2 kernel with the mask padded by one voxel at the far end.
     expected = ndimage.correlate(np.pad(mask, (0, 1)).astype(np.uint8),
-                                 lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL, mode="constant", cval=0)
+                                 lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL, mode="constant",
+                                 cval=0)
     np.testing.assert_array_equal(surface.neighbour_codes(mask), expected)
 
 
@@ -132,7 +135,7 @@ def test_a_mask_touching_the_array_border_is_closed_there():
         box_area_mm2((3, 4, 5), (1.0, 1.0, 1.0)), abs=1e-9)
 
 
-# --- Surfels ---------------------------------------------------------------------------------------
+# --- Surfels --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", range(4))
 def test_surfels_and_their_areas_equal_the_reference(seed):
@@ -161,7 +164,7 @@ def test_far_apart_objects_get_small_separate_boxes_and_the_same_surfels():
     assert surface.occupied_boxes(np.zeros((4, 4, 4), dtype=bool)) == []
 
 
-# --- Distances at the tolerance --------------------------------------------------------------------
+# --- Distances at the tolerance -------------------------------------------------------------------
 
 def test_lookup_and_kdtree_agree_with_a_distance_transform_including_exact_ties():
     rng = np.random.default_rng(7)
@@ -170,13 +173,15 @@ def test_lookup_and_kdtree_agree_with_a_distance_transform_including_exact_ties(
     other_grid[5, 8, 9] = True
     other = np.argwhere(other_grid)
     corners = np.argwhere(np.ones(other_grid.shape, dtype=bool))
-    truth_mm = ndimage.distance_transform_edt(~other_grid, sampling=spacing)  # what the reference uses
+    # what the reference uses
+    truth_mm = ndimage.distance_transform_edt(~other_grid, sampling=spacing)
     exact = [2 * 0.8, 2.5, math.sqrt((1 * 2.5) ** 2 + (1 * 0.8) ** 2 + (2 * 0.7) ** 2), 3 * 0.7]
     for tolerance in exact + [0.0, 0.5, 1.0, 2.0, 4.9999, 5.0, 7.5]:
         expected = truth_mm[tuple(corners.T)] <= tolerance
         assert expected.any() and not expected.all()
         offsets = surface.offsets_within(spacing, tolerance)
-        assert np.array_equal(surface.found_at_offsets(corners, other, offsets), expected), tolerance
+        found = surface.found_at_offsets(corners, other, offsets)
+        assert np.array_equal(found, expected), tolerance
         assert np.array_equal(surface.nearest_within_kdtree(corners, other, spacing, tolerance),
                               expected), tolerance
         assert np.array_equal(surface.within_tolerance(corners, other, spacing, tolerance),
@@ -199,10 +204,11 @@ def test_a_shift_by_exactly_the_tolerance_counts_and_just_below_it_does_not(spac
     assert below < 1.0
     assert below == pytest.approx(reference_nsd(label, prediction, spacing_mm, tolerance_mm - 1e-4),
                                   abs=1e-6)
-    assert reference_nsd(label, prediction, spacing_mm, tolerance_mm) == pytest.approx(1.0, abs=1e-12)
+    assert reference_nsd(label, prediction, spacing_mm, tolerance_mm) == pytest.approx(
+        1.0, abs=1e-12)
 
 
-# --- Surface Dice: analytic cases and the reference ------------------------------------------------
+# --- Surface Dice: analytic cases and the reference -----------------------------------------------
 
 def test_a_far_single_voxel_false_positive_gives_the_analytic_surface_dice():
     spacing = (2.5, 0.8, 0.7)
@@ -211,12 +217,14 @@ def test_a_far_single_voxel_false_positive_gives_the_analytic_surface_dice():
     prediction[27, 36, 36] = True
     box, voxel = box_area_mm2((6, 8, 10), spacing), single_voxel_area_mm2(spacing)
     expected = 2 * box / (2 * box + voxel)
-    assert surface.surface_dice(label, prediction, spacing, 1.0) == pytest.approx(expected, abs=1e-12)
+    assert surface.surface_dice(label, prediction, spacing, 1.0) == pytest.approx(
+        expected, abs=1e-12)
     assert reference_nsd(label, prediction, spacing, 1.0) == pytest.approx(expected, abs=1e-12)
 
 
 def test_concentric_spheres_4_mm_apart_score_0_at_1_mm_and_1_at_6_mm():
-    inner, outer = ball_mask((32, 32, 32), (16, 16, 16), 8), ball_mask((32, 32, 32), (16, 16, 16), 12)
+    inner = ball_mask((32, 32, 32), (16, 16, 16), 8)
+    outer = ball_mask((32, 32, 32), (16, 16, 16), 12)
     assert surface.surface_dice(inner, outer, (1.0, 1.0, 1.0), 1.0) == 0.0
     assert surface.surface_dice(inner, outer, (1.0, 1.0, 1.0), 6.0) == 1.0
     assert surface.surface_dice(inner, inner, (1.0, 1.0, 1.0), 0.0) == 1.0
@@ -256,7 +264,7 @@ def test_surface_dice_does_not_depend_on_axis_order_or_flips():
             surface.surface_dice(label, prediction, spacing, tolerance), abs=1e-12)
 
 
-# --- The challenge's rules -------------------------------------------------------------------------
+# --- The challenge's rules ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("label_empty, prediction_empty, expected", [
     (True, True, (1.0, 1.0)), (True, False, (0.0, 0.0)), (False, True, (0.0, 0.0))])
@@ -283,14 +291,16 @@ def test_protocols_set_the_challenge_tolerances():
     assert make_protocol("flare21", ORGANS).tolerances_mm == dict.fromkeys(ORGANS.values(), 1.0)
     flare22 = make_protocol("flare22", ORGANS)
     assert flare22.tolerances_mm == FLARE22_TOLERANCES_MM
-    assert flare22.nsd_zero_below_dsc == 0.2 and make_protocol("flare21", ORGANS).nsd_zero_below_dsc is None
+    assert flare22.nsd_zero_below_dsc == 0.2
+    assert make_protocol("flare21", ORGANS).nsd_zero_below_dsc is None
     assert make_protocol("flare22", {7: "tumour"}, 2.0).tolerances_mm == {"tumour": 2.0}
     with pytest.raises(ValueError, match="tumour"):
         make_protocol("flare22", {7: "tumour"})
 
 
-@pytest.mark.parametrize("name, case", [("case_001.nii.gz", "case_001"), ("case_001_0000.nii.gz", "case_001"),
-                                        ("x.nii", "x"), ("notes.csv", None), (".hidden.nii.gz", None)])
+@pytest.mark.parametrize("name, case", [
+    ("case_001.nii.gz", "case_001"), ("case_001_0000.nii.gz", "case_001"), ("x.nii", "x"),
+    ("notes.csv", None), (".hidden.nii.gz", None)])
 def test_files_pair_by_case_name(name, case):
     assert case_name(name) == case
 
@@ -307,7 +317,7 @@ def test_a_flare_data_folder_pairs_images_and_labels_without_ambiguity(tmp_path)
     assert [p.name for p in images["a"]] == ["a_0000.nii.gz"]
 
 
-# --- The folder tool -------------------------------------------------------------------------------
+# --- The folder tool ------------------------------------------------------------------------------
 
 def organ_labels(shape, seed):
     """A small label map with four blob organs, (z, y, x) uint8."""
@@ -363,7 +373,8 @@ def folders(tmp_path):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "evaluation.evaluate", *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=120)
 
 
 def test_cli_scores_a_folder_reports_bad_cases_by_file_and_exits_1(folders, tmp_path):
@@ -393,7 +404,8 @@ def test_cli_scores_a_folder_reports_bad_cases_by_file_and_exits_1(folders, tmp_
         assert float(row["nsd"]) == pytest.approx(expected[row["organ"]][1], abs=1e-6)
         assert float(row["nsd_tolerance_mm"]) == 1.0
         voxel_ml = 0.8 * 0.9 * 2.5 / 1000
-        assert float(row["label_volume_ml"]) == pytest.approx(int(row["label_voxels"]) * voxel_ml, rel=1e-6)
+        assert float(row["label_volume_ml"]) == pytest.approx(
+            int(row["label_voxels"]) * voxel_ml, rel=1e-6)
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["cases"] == 3 and summary["protocol"] == "flare21"
     assert set(summary["failures"]) == {"broken", "orphan", "moved"}
@@ -403,7 +415,8 @@ def test_cli_scores_a_folder_reports_bad_cases_by_file_and_exits_1(folders, tmp_
     markdown = out.with_suffix(".md").read_text()
     assert "| organ | cases | DSC (%) mean ± std" in markdown and "Failed: 3 cases" in markdown
     assert markdown in result.stdout
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # no temporary files left
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_cli_exits_0_on_a_clean_folder_and_applies_flare22(folders, tmp_path):
@@ -427,12 +440,14 @@ def test_resample_puts_a_prediction_on_the_label_grid_and_says_so(tmp_path):
     write_labels(pred / "case.nii.gz", array[:, :, ::2].copy(), spacing_xyz=(1.6, 0.9, 2.5),
                  origin=(0.4, 0.0, 0.0))
     refused = evaluate_folder(pred, labels, tmp_path / "refused.csv", workers=1, progress=False)
-    assert "different grid" in refused.failures["case"] and "spacing (1.6, 0.9, 2.5)" in refused.failures["case"]
+    assert "different grid" in refused.failures["case"]
+    assert "spacing (1.6, 0.9, 2.5)" in refused.failures["case"]
     accepted = evaluate_folder(pred, labels, tmp_path / "scores.csv", resample=True, workers=1,
                                progress=False)
     assert accepted.failures == {} and accepted.resampled == ["case"]
     assert all(row["prediction_resampled"] for row in accepted.rows)
-    assert min(row["dsc"] for row in accepted.rows) > 0.6  # every other column copied: close to the label
+    # every other column copied: close to the label
+    assert min(row["dsc"] for row in accepted.rows) > 0.6
     assert "Resampled onto the label grid" in (tmp_path / "scores.md").read_text()
 
 
@@ -475,11 +490,11 @@ def test_previews_of_the_worst_case_show_organs_in_colour(folders, tmp_path):
     assert image_panel.sum() == 0  # the CT alone: grey
 
 
-# --- Real CT ---------------------------------------------------------------------------------------
+# --- Real CT --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("label_file", ["labels/ts_example.nii.gz", "dicom/ts_dicom.nii.gz"])
-def test_real_labels_against_their_eroded_and_shifted_selves_equal_the_reference(shared_data, tmp_path,
-                                                                                  label_file):
+def test_real_labels_against_their_eroded_and_shifted_selves_equal_the_reference(
+        shared_data, tmp_path, label_file):
     label_path = shared_data / label_file
     label = sitk.ReadImage(str(label_path))
     labels = sitk.GetArrayFromImage(label)

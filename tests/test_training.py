@@ -22,7 +22,7 @@ def labelled_phantom():
     labels[15:45, 20:40, 10:35] = 1
     labels[20:40, 30:55, 45:70] = 3
     labels[25:35, 45:60, 30:50] = 4
-    image = sitk.GetImageFromArray((100 * labels.astype(np.int16) - 500))
+    image = sitk.GetImageFromArray(100 * labels.astype(np.int16) - 500)
     image.SetSpacing((3.0, 3.0, 3.0))
     image.SetOrigin((-100.0, 50.0, 20.0))
     label_image = sitk.GetImageFromArray(labels)
@@ -168,7 +168,8 @@ def test_snapshots_are_complete_weights_folders_of_the_ema_at_their_iteration(tm
     snapshots = run / "snapshots"
     assert sorted(p.name for p in snapshots.iterdir()) == ["000002", "000004"]
     for name in ("localization.weights.h5", "weights.json"):
-        assert (snapshots / "000002" / name).read_bytes() == (DEFAULT_WEIGHTS_DIR / name).read_bytes()
+        expected = (DEFAULT_WEIGHTS_DIR / name).read_bytes()
+        assert (snapshots / "000002" / name).read_bytes() == expected
     last = h5_values(snapshots / "000004" / "segmentation.weights.h5")
     exported = h5_values(tmp_path / "export" / "segmentation.weights.h5")
     assert len(last) == len(exported) > 0

@@ -104,8 +104,8 @@ def localization_sample(case, rng, ranges=AugmentationRanges(), max_size_zyx=Non
                             grid.spacing_mm)
     centre = grid.axis_mm_to_physical(image_centre_axis_mm(grid))
     transform = random_transform(rng, grid, centre, ranges)
-    image, labels = resample_pair(case.localization_image, case.localization_labels, grid, transform,
-                            rng, ranges)
+    image, labels = resample_pair(case.localization_image, case.localization_labels, grid,
+                                  transform, rng, ranges)
     return image, (labels > 0).astype(np.uint8)
 
 

@@ -38,7 +38,8 @@ def parse_args(argv=None):
                              "into training and held-out validation cases by --fold")
     parser.add_argument("--fold", type=int, default=0, help="fold of --splits to train")
     parser.add_argument("--cache", type=Path, default=None,
-                        help="folder of prepared cases, shareable between runs (default: RUN/cache)")
+                        help="folder of prepared cases, shareable between runs "
+                             "(default: RUN/cache)")
     parser.add_argument("--data-weight", type=float, default=0.2,
                         help="share of samples drawn from --data cases (rest: generated)")
     parser.add_argument("--generated", type=int, default=40, help="generated training cases")
@@ -56,7 +57,9 @@ def parse_args(argv=None):
                         help="share of training samples from rendered real anatomy")
     parser.add_argument("--iterations", type=int, default=1000, help="total iterations")
     parser.add_argument("--crop-size", type=int, nargs=3, default=(64, 64, 64),
-                        metavar=("Z", "Y", "X"), help="training crop: SCN crop size (multiples of 32); largest localization crop")
+                        metavar=("Z", "Y", "X"),
+                        help="training crop: SCN crop size (multiples of 32); largest "
+                             "localization crop")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="Adam learning rate (default: 1e-4 SCN, 1e-5 localization)")
     parser.add_argument("--ema-decay", type=float, default=0.999)
@@ -405,13 +408,13 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
     Returns ``step(image, labels, coverage=None) -> (loss, gradient norm)``: image
     (1, z, y, x, 1), labels (1, z, y, x) per replica; ``coverage`` (1, 5) float, the sample's
     covered organs (training.coverage.coverage_vector; None: all, the method's losses) for the
-    partial-label losses of training/losses.py. With a ``keras.optimizers.LossScaleOptimizer`` (float16) the loss
-    is scaled before differentiation, the norm and clipping act on the unscaled gradients, and a
-    step whose gradients overflow returns a non-finite norm and changes no weight (the optimizer
-    halves its scale). Under a distribution ``strategy`` each replica computes the loss and
-    gradients of its own sample; the losses and gradients are averaged across replicas, and
-    clipping, Adam and the EMA act once on the averages (cross-replica context), so N devices
-    train as one device would on the mean gradient of N samples.
+    partial-label losses of training/losses.py. With a ``keras.optimizers.LossScaleOptimizer``
+    (float16) the loss is scaled before differentiation, the norm and clipping act on the
+    unscaled gradients, and a step whose gradients overflow returns a non-finite norm and changes
+    no weight (the optimizer halves its scale). Under a distribution ``strategy`` each replica
+    computes the loss and gradients of its own sample; the losses and gradients are averaged
+    across replicas, and clipping, Adam and the EMA act once on the averages (cross-replica
+    context), so N devices train as one device would on the mean gradient of N samples.
     """
     import keras
     import tensorflow as tf
@@ -456,8 +459,8 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
         running = tf.where(mean_gradient_norm > 0,
                            0.99 * mean_gradient_norm + 0.01 * tf.minimum(norm, limit), norm)
         mean_gradient_norm.assign(tf.where(finite, running, mean_gradient_norm))
-        decay = tf.minimum(ema_decay,
-                           (1.0 + tf.cast(iteration, tf.float32)) / (10.0 + tf.cast(iteration, tf.float32)))
+        steps = tf.cast(iteration, tf.float32)
+        decay = tf.minimum(ema_decay, (1.0 + steps) / (10.0 + steps))
         for average, variable in zip(ema, model.trainable_variables):
             average.assign(decay * average + (1.0 - decay) * variable)
         iteration.assign_add(1)

@@ -38,9 +38,10 @@ def segmentation_scores(model, cases, nsd_tolerance_mm=NSD_TOLERANCE_MM):
     for case in cases:
         grid, roi = _roi_of(case)
         crop = segmentation_grid(grid, roi)
-        transform = augment.random_transform(rng, crop, crop.origin_mm, augment.AugmentationRanges.none())
-        image, labels = augment.resample_pair(case.segmentation_image, case.segmentation_labels, crop,
-                                        transform, rng, augment.AugmentationRanges.none())
+        none = augment.AugmentationRanges.none()
+        transform = augment.random_transform(rng, crop, crop.origin_mm, none)
+        image, labels = augment.resample_pair(case.segmentation_image, case.segmentation_labels,
+                                              crop, transform, rng, none)
         probabilities = model(image[None, ..., None], training=False)["probabilities"]
         prediction = np.argmax(np.asarray(probabilities, dtype=np.float32)[0], axis=-1)
         for label, name in method.LABELS.items():
@@ -60,7 +61,8 @@ def localization_scores(model, cases):
     rng = np.random.default_rng(0)
     dsc, recall = [], []
     for case in cases:
-        image, foreground = augment.localization_sample(case, rng, augment.AugmentationRanges.none())
+        image, foreground = augment.localization_sample(case, rng,
+                                                        augment.AugmentationRanges.none())
         logits = np.asarray(model(image[None, ..., None], training=False), dtype=np.float32)[0]
         predicted = logits[..., 1] > logits[..., 0]
         if set(case.covered) >= set(method.LABELS):
