@@ -7,6 +7,7 @@ the organs the case covers.
 
     python -m evaluation.score_weights [--weights weights] [--cases 10]
                                        [--anatomy ../shared/anatomy] [--update]
+                                       [--json FILE]
 
 Generated test cases use seeds that training never uses (training/train.py draws its cases from
 seeds 1,000,000+ and 2,000,000+). With ``--anatomy`` the label maps that training holds out
@@ -41,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--anatomy", type=Path, default=None,
                         help="label-map folder: also score renderings of its held-out maps")
     parser.add_argument("--update", action="store_true", help="write scores into weights.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the scores to this file (for evaluation.shipping_rule)")
     return parser.parse_args(argv)
 
 
@@ -154,6 +157,8 @@ def main(argv=None):
     if args.anatomy:
         scores["anatomy_held_out"] = score_anatomy(predictor, args.anatomy, args.in_plane_size)
     print(json.dumps(scores, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(scores, indent=2) + "\n")
     if args.update:
         path = args.weights / PROVENANCE
         provenance = json.loads(path.read_text()) if path.exists() else {}

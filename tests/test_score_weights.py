@@ -65,8 +65,9 @@ def test_update_writes_the_scores_into_weights_json_and_keeps_the_rest(tmp_path,
     shutil.copytree(DEFAULT_WEIGHTS_DIR, weights)
     before = json.loads((weights / PROVENANCE).read_text())
     assert main(["--weights", str(weights), "--cases", "1", "--in-plane-size", "96",
-                 "--update"]) == 0
+                 "--update", "--json", str(tmp_path / "scores.json")]) == 0
     after = json.loads((weights / PROVENANCE).read_text())
+    assert json.loads((tmp_path / "scores.json").read_text()) == after["scores"]
     assert {k: v for k, v in after.items() if k != "scores"} == \
         {k: v for k, v in before.items() if k != "scores"}
     generated = after["scores"]["generated_unseen"]

@@ -64,3 +64,12 @@ def test_choice_prefers_the_average_unless_the_snapshot_is_clearly_better(tmp_pa
     assert main([str(tmp_path / "base.json"), f"A={tmp_path / 'a.json'}",
                  f"B={tmp_path / 'b.json'}"]) == 0
     assert capsys.readouterr().out.strip().endswith("ships: B")
+
+
+def test_the_shipped_scores_against_themselves_fail_only_for_lack_of_gain():
+    """The rule reads the score file score_weights writes (weights.json holds the same dict)."""
+    from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE
+
+    shipped = json.loads((DEFAULT_WEIGHTS_DIR / PROVENANCE).read_text())["scores"]
+    assert failed(shipped, shipped) == ["1. held-out anatomy: mean dsc rises >= 0.02",
+                                        "1. held-out anatomy: mean nsd_1mm rises >= 0.02"]
