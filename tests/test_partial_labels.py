@@ -387,7 +387,7 @@ def test_evaluation_scores_only_the_organs_a_declared_label_covers(partly_labell
     assert organs["liver"]["cases"] == 2 and organs["spleen"]["cases"] == 1
     assert all(organs[name]["dsc"]["mean"] == 1.0 for name in organs)
     assert evaluation.partial_cases == {"liver_only": ["liver"]}
-    markdown = evaluation.outputs["markdown"].read_text()
+    markdown = evaluation.outputs["markdown"].read_text(encoding="utf-8")
     assert "Partly labelled" in markdown and "liver_only (liver)" in markdown
     summary = json.loads(evaluation.outputs["json"].read_text())
     assert summary["partial_cases"] == {"liver_only": ["liver"]}
