@@ -167,9 +167,15 @@ def test_snapshots_are_complete_weights_folders_of_the_ema_at_their_iteration(tm
     assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     snapshots = run / "snapshots"
     assert sorted(p.name for p in snapshots.iterdir()) == ["000002", "000004"]
-    for name in ("localization.weights.h5", "weights.json"):
-        expected = (DEFAULT_WEIGHTS_DIR / name).read_bytes()
-        assert (snapshots / "000002" / name).read_bytes() == expected
+    assert (snapshots / "000002" / "localization.weights.h5").read_bytes() == \
+        (DEFAULT_WEIGHTS_DIR / "localization.weights.h5").read_bytes()
+    # the init's record, less its scores (not the snapshot's), naming run and iteration
+    shipped = json.loads((DEFAULT_WEIGHTS_DIR / "weights.json").read_text())
+    record = json.loads((snapshots / "000002" / "weights.json").read_text())
+    assert "scores" in shipped and "scores" not in record
+    assert record["segmentation"].pop("snapshot") == {"run": str(run), "iteration": 2}
+    shipped.pop("scores")
+    assert record == shipped
     last = h5_values(snapshots / "000004" / "segmentation.weights.h5")
     exported = h5_values(tmp_path / "export" / "segmentation.weights.h5")
     assert len(last) == len(exported) > 0

@@ -392,13 +392,13 @@ def main(argv=None):
             if step % args.checkpoint_every == 0 or step == args.iterations:
                 manager.save()
             if args.snapshot_every and step % args.snapshot_every == 0:
-                write_snapshot(model, ema, args, step)
+                write_snapshot(ema, args, step)
         progress.close()
     finally:
         del samples  # ends the pipeline's map calls before the interpreter exits
         log.close()
     if args.export:
-        export_weights(model, ema, args.stage, args.export)
+        export_weights(ema, args.stage, args.export)
 
 
 def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmentation, ema_decay,
@@ -469,45 +469,51 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
     return train_step
 
 
-def write_snapshot(model, ema, args, step):
-    """RUN/snapshots/ITERATION: a weights folder app/ can load, written under a temporary name."""
-    import shutil
+def write_snapshot(ema, args, step):
+    """RUN/snapshots/ITERATION: a complete weights folder app/ can load (app.import_weights'
+    folder writer: temporary name, then rename). The other network and weights.json come from
+    --init-weights (the shipped weights without it); the init's scores are dropped, as they are
+    not the snapshot's."""
+    from app.import_weights import write_folder
+    from app.predictor import DEFAULT_WEIGHTS_DIR, read_provenance
 
-    from app.predictor import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
-
-    folder = args.run / "snapshots" / f"{step:06d}"
-    temporary = folder.with_name(f"partial_{folder.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    trained = SEGMENTATION_WEIGHTS if args.stage == "segmentation" else LOCALIZATION_WEIGHTS
-    if args.init_weights:
-        for name in (LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS, "weights.json"):
-            if name != trained and (args.init_weights / name).exists():
-                shutil.copy2(args.init_weights / name, temporary / name)
-    export_weights(model, ema, args.stage, temporary)
-    shutil.rmtree(folder, ignore_errors=True)
-    temporary.rename(folder)
+    source = args.init_weights or DEFAULT_WEIGHTS_DIR
+    provenance = read_provenance(source)
+    provenance.pop("scores", None)
+    entry = provenance.get(args.stage)
+    entry = dict(entry) if isinstance(entry, dict) else {}
+    entry["snapshot"] = {"run": str(args.run), "iteration": step}
+    provenance[args.stage] = entry
+    write_folder(args.run / "snapshots" / f"{step:06d}", {args.stage: ema_model(ema, args.stage)},
+                 provenance, source, [])
 
 
-def export_weights(model, ema, stage, weights_dir):
-    """Write the EMA values into ``weights_dir`` as the weights file app/ loads (atomically)."""
+def ema_model(ema, stage):
+    """A float32 network of ``stage`` holding the EMA values; training's precision policy is
+    restored afterwards."""
     import keras
 
-    from app.networks import build_localization_net, build_scn
-    from app.predictor import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
+    from app.import_weights import BUILDERS
 
     training_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
-        fresh = build_scn() if stage == "segmentation" else build_localization_net()
+        fresh = BUILDERS[stage]()
     finally:
         keras.mixed_precision.set_global_policy(training_policy)
     for target, average in zip(fresh.trainable_variables, ema):
         target.assign(average)
+    return fresh
+
+
+def export_weights(ema, stage, weights_dir):
+    """Write the EMA values into ``weights_dir`` as the weights file app/ loads (atomically)."""
+    from app.import_weights import WEIGHTS_FILES
+
     weights_dir.mkdir(parents=True, exist_ok=True)
-    name = SEGMENTATION_WEIGHTS if stage == "segmentation" else LOCALIZATION_WEIGHTS
+    name = WEIGHTS_FILES[stage]
     temporary = weights_dir / f"partial_{name}"
-    fresh.save_weights(temporary)
+    ema_model(ema, stage).save_weights(temporary)
     temporary.replace(weights_dir / name)
     print(f"exported EMA weights to {weights_dir / name}")
 
