@@ -17,11 +17,11 @@ from pathlib import Path
 ORGANS = ("liver", "kidney", "spleen", "pancreas")
 
 
-def _organ_means(section: dict, metric: str) -> dict[str, float]:
+def organ_means(section: dict, metric: str) -> dict[str, float]:
     return {organ: section[metric][organ]["mean"] for organ in ORGANS if organ in section[metric]}
 
 
-def _mean(values) -> float:
+def mean_of(values) -> float:
     values = list(values)
     return sum(values) / len(values)
 
@@ -31,10 +31,10 @@ def conditions(base: dict, cand: dict) -> list[tuple[str, bool, str]]:
     out = []
     anatomy_base, anatomy_cand = base["anatomy_held_out"], cand["anatomy_held_out"]
     for metric, rise, fall in (("dsc", 0.02, 0.01), ("nsd_1mm", 0.02, 0.02)):
-        b, c = _organ_means(anatomy_base, metric), _organ_means(anatomy_cand, metric)
-        gain = _mean(c.values()) - _mean(b.values())
+        b, c = organ_means(anatomy_base, metric), organ_means(anatomy_cand, metric)
+        gain = mean_of(c.values()) - mean_of(b.values())
         out.append((f"1. held-out anatomy: mean {metric} rises >= {rise}", gain >= rise - 1e-9,
-                    f"{_mean(b.values()):.4f} -> {_mean(c.values()):.4f} ({gain:+.4f})"))
+                    f"{mean_of(b.values()):.4f} -> {mean_of(c.values()):.4f} ({gain:+.4f})"))
         worst = min(b, key=lambda organ: c[organ] - b[organ])
         out.append((f"1. held-out anatomy: no organ's {metric} falls > {fall}",
                     all(c[o] - b[o] >= -fall - 1e-9 for o in b),
@@ -64,8 +64,8 @@ def conditions(base: dict, cand: dict) -> list[tuple[str, bool, str]]:
     out.append(("5. ts_example: no organ's DSC falls > 0.03",
                 all(example_c[o]["dsc"] >= example_b[o]["dsc"] - 0.03 - 1e-9 for o in example_b),
                 f"worst {worst} {example_b[worst]['dsc']:.4f} -> {example_c[worst]['dsc']:.4f}"))
-    b = _organ_means(base["generated_unseen"], "dsc")
-    c = _organ_means(cand["generated_unseen"], "dsc")
+    b = organ_means(base["generated_unseen"], "dsc")
+    c = organ_means(cand["generated_unseen"], "dsc")
     worst = min(b, key=lambda organ: c[organ] - b[organ])
     out.append(("6. generated: no organ's mean DSC falls > 0.015",
                 all(c[o] >= b[o] - 0.015 - 1e-9 for o in b),
@@ -76,8 +76,8 @@ def conditions(base: dict, cand: dict) -> list[tuple[str, bool, str]]:
 def anatomy_merit(scores: dict) -> float:
     """The tie-break: mean of (held-out anatomy mean DSC, mean NSD)."""
     section = scores["anatomy_held_out"]
-    return 0.5 * (_mean(_organ_means(section, "dsc").values())
-                  + _mean(_organ_means(section, "nsd_1mm").values()))
+    return 0.5 * (mean_of(organ_means(section, "dsc").values())
+                  + mean_of(organ_means(section, "nsd_1mm").values()))
 
 
 def choose(base: dict, candidates: dict[str, dict]) -> str | None:
