@@ -27,6 +27,8 @@ from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
 from synthetic import generate_case
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+# seeds of the held-out maps' renderings: far from every seed training draws
+ANATOMY_TEST_SEED_OFFSET = 5_000_000
 
 
 def labels_on_image_grid(labels, image):
@@ -87,8 +89,8 @@ def generated_cases(seeds, in_plane_size):
 
 
 def anatomy_cases(folder, in_plane_size):
-    """(name, image, labels) of the held-out real-anatomy maps, rendered as score_weights does."""
-    from evaluation.score_weights import ANATOMY_TEST_SEED_OFFSET
+    """(name, image, labels) of the label maps that training holds out, rendered unaugmented on
+    seeds training never uses; score_weights scores the same renderings."""
     from synthetic.anatomy import read_label_map, render_case
     from training.train import anatomy_split
 

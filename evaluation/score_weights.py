@@ -27,11 +27,11 @@ import SimpleITK as sitk
 from app import method
 from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE, Predictor
 from evaluation.metrics import challenge_scores, same_grid
-from evaluation.roi_coverage import SHARED_DATA, labels_on_image_grid, real_cases
+from evaluation.roi_coverage import (ANATOMY_TEST_SEED_OFFSET, SHARED_DATA, anatomy_cases,
+                                     labels_on_image_grid, real_cases)
 from training.coverage import FOLDER_KEY, folder_declarations
 
 TEST_SEED_OFFSET = 3_000_000
-ANATOMY_TEST_SEED_OFFSET = 5_000_000
 
 
 def parse_args(argv=None):
@@ -133,18 +133,13 @@ def partial_cases(shared_data=SHARED_DATA):
 
 def score_anatomy(predictor, folder, in_plane_size):
     """DSC and NSD on renderings (unaugmented) of the label maps that training holds out."""
-    from synthetic.anatomy import read_label_map, render_case
-    from training.train import anatomy_split
-
-    _, held = anatomy_split(folder)
-    per_case = []
-    for index, path in enumerate(held):
-        image, labels = render_case(read_label_map(path), ANATOMY_TEST_SEED_OFFSET + index,
-                                    augment=False, in_plane_size=in_plane_size)
+    maps, per_case = [], []
+    for name, image, labels in anatomy_cases(folder, in_plane_size):
+        maps.append(name.removeprefix("anatomy_"))
         per_case.append(organ_scores(predictor.predict(image).labels, labels))
-        print(f"anatomy {path.name}: " + format_scores(per_case[-1]), flush=True)
-    return {"maps": [path.name.split(".")[0] for path in held],
-            "seeds": f"{ANATOMY_TEST_SEED_OFFSET}..{ANATOMY_TEST_SEED_OFFSET + len(held) - 1}",
+        print(f"{name}: " + format_scores(per_case[-1]), flush=True)
+    return {"maps": maps,
+            "seeds": f"{ANATOMY_TEST_SEED_OFFSET}..{ANATOMY_TEST_SEED_OFFSET + len(maps) - 1}",
             "in_plane_size": in_plane_size, "dsc": summarise(per_case, "dsc"),
             f"nsd_{NSD_TOLERANCE_MM:g}mm": summarise(per_case, "nsd")}
 

@@ -105,6 +105,17 @@ class LabelMap:
         """Index box (z, y, x slices) of each structure value 1.. (None where absent)."""
         return ndimage.find_objects(self.array(), max_label=max(STRUCTURES))
 
+    def organ_centre(self, step=(2, 4, 4)) -> np.ndarray:
+        """Physical point (mm) of the mean voxel of the covered organs, sampled every ``step``
+        voxels along (z, y, x): the place the generator builds the patient around."""
+        covered = [VALUES[n] for n in self.covers if n in ORGAN_LABELS]
+        sampled = self.array()[::step[0], ::step[1], ::step[2]]
+        voxels = np.argwhere(np.isin(sampled, covered))
+        if not len(voxels):
+            raise ValueError(f"{self.path}: holds none of the organs {', '.join(ORGAN_LABELS)}")
+        return np.asarray(self.image.TransformContinuousIndexToPhysicalPoint(
+            (voxels.mean(axis=0) * step)[::-1].tolist()))
+
 
 @functools.lru_cache(maxsize=8)
 def _catalogue_cases(path: str, modified_ns: int) -> dict:
@@ -721,15 +732,7 @@ def render_case(label_map: LabelMap, seed: int, geometry: CaseGeometry | str | N
     patient = Patient(patient_rng)
     _calibrate(patient)
 
-    array = label_map.array()
-    covered = [VALUES[n] for n in label_map.covers if n in ORGAN_LABELS]
-    organ_voxels = np.argwhere(np.isin(array[::4, ::4, ::2], covered))
-    if not len(organ_voxels):
-        raise ValueError(f"{label_map.path}: holds none of the organs "
-                         f"{', '.join(ORGAN_LABELS)}")
-    centre = np.asarray(label_map.image.TransformContinuousIndexToPhysicalPoint(
-        (organ_voxels.mean(axis=0) * [2, 4, 4])[::-1].tolist()))
-    augmentation = Augmentation(anatomy_rng, label_map, centre, enabled=augment)
+    augmentation = Augmentation(anatomy_rng, label_map, label_map.organ_centre(), enabled=augment)
     points = _structure_points(label_map, augmentation, anatomy_rng)
     z_range = _map_z_range(label_map, augmentation)
     fit = fit_patient(patient, points, z_range[1], anatomy_rng)

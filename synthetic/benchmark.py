@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synthetic.anatomy import ORGAN_LABELS, VALUES, list_maps, read_label_map, render_case
+from synthetic.anatomy import list_maps, read_label_map, render_case
 from synthetic.generator import generate_case
 from synthetic.grids import CaseGeometry
 
@@ -42,12 +42,8 @@ def parse_args(argv=None):
 
 def grid_over_organs(label_map, size, spacing) -> CaseGeometry:
     """An axial grid of ``size`` centred on the map's covered organs."""
-    covered = [VALUES[n] for n in label_map.covers if n in ORGAN_LABELS]
-    voxels = np.argwhere(np.isin(label_map.array(), covered))
-    centre = np.asarray(label_map.image.TransformContinuousIndexToPhysicalPoint(
-        voxels.mean(axis=0)[::-1].tolist()))
     half = (np.asarray(size) - 1) / 2.0 * np.asarray(spacing)
-    return CaseGeometry(tuple(size), tuple(spacing), tuple(centre - half))
+    return CaseGeometry(tuple(size), tuple(spacing), tuple(label_map.organ_centre() - half))
 
 
 def summary(seconds) -> str:

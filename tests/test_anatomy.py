@@ -132,6 +132,25 @@ def test_augmentation_scales_and_deforms_without_mirroring(tmp_path):
         assert (labels == 4).sum() * voxel_ml > 10
 
 
+def test_organ_centre_is_the_covered_organs_mean_position_in_mm(tmp_path):
+    path, array = procedural_map(tmp_path)
+    label_map = anatomy.read_label_map(path)
+    label_map.image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    label_map.image.SetOrigin((10.0, -20.0, 30.0))
+    voxels = np.argwhere(np.isin(array, (1, 2, 3, 4)))
+    expected = label_map.image.TransformContinuousIndexToPhysicalPoint(
+        voxels.mean(axis=0)[::-1].tolist())
+    np.testing.assert_allclose(label_map.organ_centre(step=(1, 1, 1)), expected, atol=1e-6)
+    # the default samples every few voxels: within a voxel or two (4 mm here) of the exact mean
+    np.testing.assert_allclose(label_map.organ_centre(), expected, atol=6.0)
+    neighbours_only = sitk.GetImageFromArray(np.where(array >= 5, array, 0).astype(np.uint8))
+    neighbours_only.CopyInformation(sitk.ReadImage(str(path)))
+    empty = tmp_path / "empty_0001.nii.gz"
+    sitk.WriteImage(neighbours_only, str(empty))
+    with pytest.raises(ValueError, match="empty_0001.nii.gz: holds none of the organs"):
+        anatomy.read_label_map(empty).organ_centre()
+
+
 @pytest.mark.parametrize("phase", sorted(_PHASE_HU))
 def test_organ_hu_follows_the_contrast_phase(tmp_path, phase):
     seed = next(s for s in range(200) if patient_of(s).phase == phase)
