@@ -177,13 +177,11 @@ def with_spacing(image, spacing_mm):
 def partial_fov_note(image):
     """Which patient axes (x, y, z of LPS) an image covers too little for the localization
     network (app/localization.py's partial field-of-view rule), or []."""
-    from app.localization import PARTIAL_FOV_EXTENT_MM
-
     # image axis i runs along the patient axis where column i of the direction matrix is largest
     matrix = np.abs(np.array(image.GetDirection()).reshape(3, 3))
     extents = np.array(image.GetSize()) * np.array(image.GetSpacing())
     return sorted("xyz"[int(matrix[:, axis].argmax())] for axis in range(3)
-                  if extents[axis] < PARTIAL_FOV_EXTENT_MM)
+                  if extents[axis] < method.PARTIAL_FOV_EXTENT_MM)
 
 
 class Report:
@@ -421,7 +419,7 @@ def segment_one(predictor, image, output_path, read_start, name, replace_1mm_spa
 def origins_line(provenance):
     """Where each network's weights come from, when weights.json says (imported folders do)."""
     origins = {network: provenance.get(network, {}).get("origin")
-               for network in ("localization", "segmentation")}
+               for network in method.NETWORKS}
     if not any(origins.values()):
         return None
     return ", ".join(f"{network} = {origin or 'unrecorded'}" for network, origin in origins.items())

@@ -22,7 +22,6 @@ import numpy as np
 from app import method
 
 LAYOUT_FILE = Path(__file__).resolve().with_name("weights_layout.json")
-NETWORKS = ("localization", "segmentation")
 ORGANS = [method.LABELS[label] for label in sorted(method.LABELS)]
 
 

@@ -36,7 +36,6 @@ from app.networks import build_localization_net, build_scn
 from app.predictor import (DEFAULT_WEIGHTS_DIR, LOCALIZATION_WEIGHTS, NETWORK_SETTINGS, PROVENANCE,
                            PUBLISHED, SEGMENTATION_WEIGHTS, read_provenance, read_settings)
 
-NETWORKS = ("localization", "segmentation")
 WEIGHTS_FILES = {"localization": LOCALIZATION_WEIGHTS, "segmentation": SEGMENTATION_WEIGHTS}
 PARAMETERS = {"localization": method.LOCALIZATION_PARAMETERS, "segmentation": method.SCN_PARAMETERS}
 BUILDERS = {"localization": build_localization_net, "segmentation": build_scn}
@@ -81,7 +80,7 @@ def published_layout(network):
                 + conv_paths("localization_prediction"))
         return [(f"model/variables/{i}", path) for i, path in enumerate(ours)]
     if network != "segmentation":
-        raise ValueError(f"unknown network {network!r}: one of {', '.join(NETWORKS)}")
+        raise ValueError(f"unknown network {network!r}: one of {', '.join(method.NETWORKS)}")
     local = unet_paths("local_appearance", method.LOCAL_APPEARANCE_LEVELS)
     spatial = []
     for name in SPATIAL_NET_ORDER:
@@ -187,7 +186,8 @@ def networks_to_import(saved_models_dir, only):
     """The networks to read: ``only`` or every one whose folder is present."""
     if not Path(saved_models_dir).is_dir():
         raise FileNotFoundError(f"{saved_models_dir}: folder does not exist")
-    networks = [only] if only else [n for n in NETWORKS if (Path(saved_models_dir) / n).is_dir()]
+    networks = [only] if only else [n for n in method.NETWORKS
+                                    if (Path(saved_models_dir) / n).is_dir()]
     if not networks:
         raise FileNotFoundError(f"{saved_models_dir}: holds neither localization/ nor "
                                 "segmentation/ (the published submitted_saved_models folder does)")
@@ -215,7 +215,7 @@ def write_folder(out_dir, models, provenance, fill_from, license_files):
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     try:
-        for network in NETWORKS:
+        for network in method.NETWORKS:
             if network in models:
                 models[network].save_weights(temporary / WEIGHTS_FILES[network])
             else:
@@ -260,7 +260,7 @@ def import_weights(saved_models_dir, out_dir, only=None, fill_from=DEFAULT_WEIGH
             other = next(n for n in networks if n != network)
             raise FileNotFoundError(f"{error} (to import the {other} network alone: "
                                     f"--only {other})") from None
-    for network in NETWORKS:
+    for network in method.NETWORKS:
         if network not in records:
             if not (Path(fill_from) / WEIGHTS_FILES[network]).is_file():
                 raise FileNotFoundError(f"{Path(fill_from) / WEIGHTS_FILES[network]}: missing; "
@@ -276,7 +276,7 @@ def import_weights(saved_models_dir, out_dir, only=None, fill_from=DEFAULT_WEIGH
         "reference": REFERENCE,
         "imported_networks": networks,
         "mixed_origins": len({r["origin"] for r in records.values()}) > 1,
-        "preprocessing": {key: value for network in NETWORKS
+        "preprocessing": {key: value for network in method.NETWORKS
                           for key, value in records[network]["preprocessing"].items()},
         **records,
     }
@@ -292,7 +292,7 @@ def parse_args(argv=None):
     parser.add_argument("saved_models_dir", type=Path,
                         help="folder with the published localization/ and/or segmentation/")
     parser.add_argument("--out", type=Path, required=True, help="weights folder to write")
-    parser.add_argument("--only", choices=NETWORKS, default=None,
+    parser.add_argument("--only", choices=method.NETWORKS, default=None,
                         help="import one network (default: every network folder present)")
     parser.add_argument("--fill-from", type=Path, default=DEFAULT_WEIGHTS_DIR,
                         help="weights folder for a network not imported (default: weights/)")
@@ -308,7 +308,7 @@ def main(argv=None):
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for network in NETWORKS:
+    for network in method.NETWORKS:
         record = provenance[network]
         print(f"{network}: {record['origin']}; license: {record['license']}; "
               f"from {record['source']}")

@@ -19,9 +19,7 @@ from app import method
 from app.geometry import Grid, centred_grid, image_centre_axis_mm
 from app.preprocessing import scale_intensity, smallest_valid_size
 
-# Shorter than this along an axis, the image shows part of the abdomen only: in adults the liver
-# alone spans 150-200 mm cranio-caudally, and liver dome to lower kidney poles 250-300 mm.
-PARTIAL_FOV_EXTENT_MM = 200.0
+PARTIAL_FOV_EXTENT_MM = method.PARTIAL_FOV_EXTENT_MM  # the partial-field-of-view rule's length
 BODY_THRESHOLD_HU = -500.0  # halfway between air (-1000) and soft tissue (0..100)
 
 

@@ -1,13 +1,17 @@
 """The numbers of the method, in one place.
 
 Every constant comes from ../shared/METHOD.md (the EfficientSCN submission to FLARE 2021, Thaler
-et al.); the comment on each names the section it comes from. Sizes and spacings are given in
-SimpleITK / physical axis order (x, y, z) unless the name says otherwise.
+et al.); the comment on each names the section it comes from, and the few that are this
+project's own say "ours". Sizes and spacings are given in SimpleITK / physical axis order
+(x, y, z) unless the name says otherwise.
 """
 
 # Labels: output label ids.
 LABELS = {1: "liver", 2: "kidney", 3: "spleen", 4: "pancreas"}
 NUM_CLASSES = 5  # background + 4 organs
+
+# The two networks, in the order they run; weights files and graphs are named after them.
+NETWORKS = ("localization", "segmentation")
 
 # Intensity: HU / 2048, clipped to [-1, 1]; outside the image -1024 HU.
 INTENSITY_DIVISOR_HU = 2048.0
@@ -34,6 +38,11 @@ SEGMENTATION_ENLARGE_STEP_MM = 0.1
 SEGMENTATION_SMOOTHING_SIGMA_MM = 1.0
 TRAINING_ROI_MARGIN_MM = 32.0  # Training: ground-truth box + 32 mm
 PUBLISHED_CROP_PADDING_HU = 0.0  # crop padding of the published inference (stage 2)
+
+# Ours, not METHOD.md's: partial fields of view. Shorter than this along an axis, an image shows
+# part of the abdomen only (in adults the liver alone spans 150-200 mm cranio-caudally, liver dome
+# to lower kidney poles 250-300 mm); both stages then keep the image's whole extent along it.
+PARTIAL_FOV_EXTENT_MM = 200.0
 
 # Networks.
 DROPOUT_RATE = 0.1

@@ -48,10 +48,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from evaluation.sampling import PeriodicSampler
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_IMAGES = ROOT.parent / "shared" / "data" / "images"
@@ -77,34 +78,22 @@ MB = 2 ** 20
 
 # --- the measured process ----------------------------------------------------------------------
 
-class RssSampler:
-    """Resident memory of this process every ``interval_s`` seconds, in a daemon thread."""
+class RssSampler(PeriodicSampler):
+    """Resident memory of this process every ``interval_s`` seconds: (time.time(), bytes)."""
 
     def __init__(self, interval_s=SAMPLE_INTERVAL_S):
-        self.interval_s = interval_s
-        self.samples = []  # (time.time(), rss bytes)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(self._reading, interval_s, name="rss")
         self._statm = open("/proc/self/statm")  # read repeatedly until stop
         self._page = os.sysconf("SC_PAGE_SIZE")
 
-    def _rss(self):
+    def _reading(self):
         self._statm.seek(0)
-        return int(self._statm.read().split()[1]) * self._page
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.samples.append((time.time(), self._rss()))
-            time.sleep(self.interval_s)
-
-    def start(self):
-        self._thread.start()
-        return self
+        return time.time(), int(self._statm.read().split()[1]) * self._page
 
     def stop(self):
-        self._stop.set()
-        self._thread.join()
+        samples = super().stop()
         self._statm.close()
+        return samples
 
     def peak_mb(self, start, stop):
         """Largest sample in [start, stop] (time.time()), MB; None without a sample there."""

@@ -41,7 +41,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -49,6 +48,7 @@ from pathlib import Path
 import psutil
 
 from app.cli import IMAGE_SUFFIX
+from evaluation.sampling import PeriodicSampler
 
 # The organisers' sampling period, s (METHOD.md, "Challenge evaluation (FLARE21)").
 SAMPLE_INTERVAL_S = 0.1
@@ -266,29 +266,13 @@ class Sample:
 SAMPLE_COLUMNS = [f.name for f in fields(Sample)]
 
 
-class Sampler:
-    """Background thread sampling every ``interval_s`` on a fixed schedule from ``start_monotonic``.
-
-    The first sample is taken at once. When the machine is too busy to keep the schedule, missed
-    slots are skipped (never a burst of catch-up samples); the real timestamps tell the truth.
-    """
+class Sampler(PeriodicSampler):
+    """The trace's readings of a process tree every ``interval_s`` on a fixed schedule from
+    ``start_monotonic`` (PeriodicSampler: missed slots skipped, a failed reading skipped)."""
 
     def __init__(self, pid, start_monotonic, interval_s, gpu):
-        self.pid, self.start_monotonic = pid, start_monotonic
-        self.interval_s, self.gpu = interval_s, gpu
-        self.samples = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="trace-sampler", daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def stop(self):
-        """Stop sampling and return the samples."""
-        self._stop.set()
-        self._thread.join()
-        return self.samples
+        super().__init__(self.sample, interval_s, start_monotonic, name="trace")
+        self.pid, self.gpu = pid, gpu
 
     def sample(self):
         now = time.monotonic()
@@ -300,20 +284,6 @@ class Sampler:
                       rss_tree_mb=tree_rss_mb(processes),
                       ram_used_mb=psutil.virtual_memory().used / BYTES_PER_MB,
                       tree_processes=len(processes))
-
-    def _run(self):
-        slot, warned = 0, False
-        while True:
-            try:
-                self.samples.append(self.sample())
-            except Exception as error:  # a bad reading must not end the trace; say so once
-                if not warned:
-                    print(f"trace: a sample failed and was skipped ({error!r})", file=sys.stderr)
-                    warned = True
-            elapsed = time.monotonic() - self.start_monotonic
-            slot = max(slot + 1, math.floor(elapsed / self.interval_s) + 1)
-            if self._stop.wait(max(0.0, slot * self.interval_s - elapsed)):
-                return
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from app import method
 from synthetic.appearance import _scan
 from synthetic.fields import _FAR_MM, Field
 from synthetic.grids import CaseGeometry, Grid, _coarse_grid, _resample, _to_image, random_geometry
@@ -46,7 +47,8 @@ from synthetic.appearance import _PHASE_HU, HU_MAX, HU_MIN  # noqa: F401
 from synthetic.fields import _ellipsoid, _ramp  # noqa: F401
 from synthetic.scene import _Scene  # noqa: F401
 
-LABELS = {"liver": 1, "kidney": 2, "spleen": 3, "pancreas": 4}
+# Label values by organ name: the inverse of the segmenter's labels.
+LABELS = {name: value for value, name in method.LABELS.items()}
 
 
 def _streams(seed):

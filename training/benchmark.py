@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from training.train import PRECISIONS
+from training.train import PRECISIONS, STAGES
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    parser.add_argument("--stages", nargs="+", default=["localization", "segmentation"])
+    parser.add_argument("--stages", nargs="+", default=list(STAGES))
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"],
                         choices=PRECISIONS, help="float16 (loss scaling) is meant for GPUs")
     parser.add_argument("--crop-size", type=int, nargs=3, default=(64, 64, 64),

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("localization", "segmentation")
+from app import method
+
+STAGES = method.NETWORKS  # one stage trains one network
 PRECISIONS = ("float32", "bfloat16", "float16")
 # float16 loss scaling halves the scale on each overflow: 40 in a row means it is not the scale
 MAX_OVERFLOWS_IN_A_ROW = 40
@@ -199,7 +201,6 @@ def sample_dataset(make_sample, seed, workers, first_index=0, depth=6, with_cove
     """
     import tensorflow as tf
 
-    from app import method
 
     def make(index):
         image, labels, *coverage = make_sample(np.random.default_rng([seed, int(index)]))
@@ -419,7 +420,6 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
     import keras
     import tensorflow as tf
 
-    from app import method
     from training import losses
 
     strategy = strategy or tf.distribute.get_strategy()
