@@ -49,7 +49,7 @@ from scipy import ndimage
 from synthetic.appearance import _scan
 from synthetic.fields import _FAR_MM, Field, _ellipsoid, _ramp
 from synthetic.generator import _organ_labels, write_pair
-from synthetic.grids import CaseGeometry, Grid, _coarse_grid, random_geometry
+from synthetic.grids import CaseGeometry, Lattice, _coarse_grid, random_geometry
 from synthetic.patient import Patient
 from synthetic.scene import _body_box, _calibrate, _render, _Scene
 
@@ -310,7 +310,7 @@ def _procedural_centroids(patient: Patient) -> dict[str, np.ndarray]:
              patient.kidneys["kidney_r"].box()]
     lo = np.min([b[0] for b in boxes], axis=0) - 20
     hi = np.max([b[1] for b in boxes], axis=0) + 20
-    scene = _Scene(patient, Grid.covering(lo, hi, [5.0] * 3))
+    scene = _Scene(patient, Lattice.covering(lo, hi, [5.0] * 3))
     out = {}
     for name, field in scene.labelled_organs().items():
         if field is None or not (field.values > 0).any():
@@ -509,7 +509,7 @@ def _signed_distance(fraction: np.ndarray, spacing_zyx) -> np.ndarray:
     return np.where(edge, near, far).astype(np.float32)
 
 
-def real_fields(label_map: LabelMap, augmentation: Augmentation, grid: Grid,
+def real_fields(label_map: LabelMap, augmentation: Augmentation, grid: Lattice,
                 offset: np.ndarray, margin_mm: float = 12.0) -> dict[str, Field]:
     """Field of each covered structure present, on the coarse grid (patient frame)."""
     array = label_map.array()
@@ -547,7 +547,7 @@ def real_fields(label_map: LabelMap, augmentation: Augmentation, grid: Grid,
     return out
 
 
-def _split_sides(field: Field, grid: Grid) -> dict[str, Field]:
+def _split_sides(field: Field, grid: Lattice) -> dict[str, Field]:
     """A both-kidneys field split by the side of the spine (patient x > 0 is left)."""
     x = grid.x[field.sl[2]][None, None, :]
     return {"kidney_l": Field(field.sl, np.where(x > 0, field.values, -_FAR_MM)
@@ -623,7 +623,7 @@ class AnatomyScene(_Scene):
         return value + _ramp(pelvis, 3.0) * (H["pelvis"] - value)
 
 
-def _union(a: Field, b: Field, grid: Grid) -> Field:
+def _union(a: Field, b: Field, grid: Lattice) -> Field:
     """One field for two structures (the larger value wins) on the union of their blocks."""
     sl = tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a.sl, b.sl))
     values = np.full([s.stop - s.start for s in sl], -_FAR_MM, np.float32)

@@ -15,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.lib.stride_tricks import sliding_window_view
 
-from synthetic.grids import CaseGeometry, Grid, _partial_volume, _resample, _to_image
+from synthetic.grids import CaseGeometry, Lattice, _partial_volume, _resample, _to_image
 
 if TYPE_CHECKING:
     from synthetic.patient import Patient
@@ -66,7 +66,7 @@ _COMMON_HU = dict(sc_fat=(-120, -92), visceral_fat=(-108, -82), skin=(20, 60), l
 # ------------------------------------------------------------------------------------------------
 
 
-def _scan(hu: np.ndarray, patient: Patient, grid: Grid, geometry: CaseGeometry, offset,
+def _scan(hu: np.ndarray, patient: Patient, grid: Lattice, geometry: CaseGeometry, offset,
           physical_spacing, noise_rng) -> sitk.Image:
     """The scanner's image (int16 HU on ``geometry``) of the coarse HU map ``hu``: partial
     volume of the output voxels, the reconstruction circle, quantum noise. Modifies ``hu``."""

@@ -2,7 +2,7 @@
 
 Every structure of a synthetic patient is a field in millimetres, positive inside and roughly the
 distance to its surface, in the patient frame (synthetic.patient).  A :class:`Field` holds one
-structure's values on a block of a Grid (synthetic.grids); carving one field out of another keeps
+structure's values on a block of a Lattice (synthetic.grids); carving one field out of another keeps
 organs from overlapping.  Smooth minima and maxima blend parts, :func:`_ramp` turns a field into
 a soft (anti-aliased) mask, :func:`_tube` and :class:`_EllipsoidOrgan` build vessels, bowel and
 organs, and :class:`_Warp` deforms them analytically, so that a patient deforms identically
@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from synthetic.grids import _IDENTITY, Grid, _overlap, _rotation, _shape_of
+from synthetic.grids import _IDENTITY, Lattice, _overlap, _rotation, _shape_of
 
 _FAR_MM = 200.0  # field value for "far outside" a structure
 
@@ -179,7 +179,7 @@ def _upsample(low: np.ndarray, shape) -> np.ndarray:
     return sitk.GetArrayFromImage(out)
 
 
-def _evaluate(grid: Grid, sl, function, factor: int = 1) -> np.ndarray:
+def _evaluate(grid: Lattice, sl, function, factor: int = 1) -> np.ndarray:
     """``function(Z, Y, X)`` on block ``sl``, optionally computed every ``factor`` points and
     interpolated linearly in between.
 
@@ -191,7 +191,7 @@ def _evaluate(grid: Grid, sl, function, factor: int = 1) -> np.ndarray:
         Z, Y, X = grid.coords(sl)
         return np.broadcast_to(function(Z, Y, X), shape).astype(np.float32)
     low_shape = [(n - 1) // factor + 2 for n in shape]
-    low = Grid(grid.block_origin(sl), grid.spacing * factor, low_shape)
+    low = Lattice(grid.block_origin(sl), grid.spacing * factor, low_shape)
     Z, Y, X = low.coords(low.full())
     values = np.ascontiguousarray(np.broadcast_to(function(Z, Y, X), low_shape), np.float32)
     image = sitk.GetImageFromArray(values)

@@ -38,7 +38,8 @@ import SimpleITK as sitk
 from app import method
 from synthetic.appearance import _scan
 from synthetic.fields import _FAR_MM, Field
-from synthetic.grids import CaseGeometry, Grid, _coarse_grid, _resample, _to_image, random_geometry
+from synthetic.grids import (CaseGeometry, Lattice, _coarse_grid, _resample, _to_image,
+                             random_geometry)
 from synthetic.patient import Patient, _place
 from synthetic.scene import _body_box, _calibrate, _render
 
@@ -89,7 +90,7 @@ def generate_case(seed: int, geometry: CaseGeometry | None = None, in_plane_size
 _LABEL_ORDER = (("pancreas", 4), ("liver", 1), ("spleen", 3), ("kidney_l", 2), ("kidney_r", 2))
 
 
-def _organ_labels(organs: dict, grid: Grid, geometry: CaseGeometry, offset,
+def _organ_labels(organs: dict, grid: Lattice, geometry: CaseGeometry, offset,
                   names=None) -> np.ndarray:
     """Label array (z, y, x) uint8 on ``geometry`` of the organ fields (all, or ``names``)."""
     size_arr = np.asarray(geometry.size)
@@ -108,7 +109,7 @@ def _organ_labels(organs: dict, grid: Grid, geometry: CaseGeometry, offset,
             crop.append(slice(int(hits[0]), int(hits[-1]) + 1))
         field = Field(tuple(slice(s.start + c.start, s.start + c.stop)
                             for s, c in zip(field.sl, crop)), field.values[tuple(crop)])
-        sub = Grid(grid.block_origin(field.sl), grid.spacing, field.values.shape)
+        sub = Lattice(grid.block_origin(field.sl), grid.spacing, field.values.shape)
         box = geometry.physical_to_index(
             np.array([[x, y, z] for x in (sub.x[0], sub.x[-1]) for y in (sub.y[0], sub.y[-1])
                       for z in (sub.z[0], sub.z[-1])]) + offset)

@@ -3,14 +3,14 @@ the other.
 
 * :class:`CaseGeometry` is an image grid in SimpleITK's terms (size, spacing, origin, direction);
   :func:`random_geometry` draws CT-like ones.
-* :class:`Grid` is the generator's own lattice in the patient frame (synthetic.patient): axis
+* :class:`Lattice` is the generator's own lattice in the patient frame (synthetic.patient): axis
   aligned, ``origin`` and ``spacing`` (x, y, z) in mm, arrays on it indexed (z, y, x).  It is not
   ``app.geometry.Grid`` (an image's grid for the segmenter).  Fields (synthetic.fields) live on
   blocks of it, addressed by (z, y, x) slices.
-* From the lattice to the image: a case is painted on a coarse Grid (2-3 mm) that covers the scan
-  (:func:`_coarse_grid`); SimpleITK then resamples its HU map onto the image grid (linear) and each
-  organ's field onto the part of the image grid around that organ (linear, then thresholded at 0),
-  so labels are smooth at full resolution.
+* From the lattice to the image: a case is painted on a coarse Lattice (2-3 mm) that covers the
+  scan (:func:`_coarse_grid`); SimpleITK then resamples its HU map onto the image grid (linear)
+  and each organ's field onto the part of the image grid around that organ (linear, then
+  thresholded at 0), so labels are smooth at full resolution.
 
 Array conventions: numpy arrays on a grid are indexed (z, y, x), as SimpleITK's
 GetArrayFromImage returns them; points, sizes and spacings are (x, y, z) like SimpleITK.
@@ -192,7 +192,7 @@ def random_geometry(rng: np.random.Generator, in_plane_size: int = 512,
 # ------------------------------------------------------------------------------------------------
 
 
-class Grid:
+class Lattice:
     """An axis-aligned block of sample points in the patient frame (mm).
 
     ``origin`` and ``spacing`` are (x, y, z); ``shape`` is (nz, ny, nx) like the arrays on it.
@@ -207,7 +207,7 @@ class Grid:
             for a in range(3))
 
     @classmethod
-    def covering(cls, lo, hi, spacing) -> Grid:
+    def covering(cls, lo, hi, spacing) -> Lattice:
         lo, hi, spacing = (np.asarray(v, dtype=float) for v in (lo, hi, spacing))
         count = np.maximum(1, np.ceil((hi - lo) / spacing).astype(int) + 1)
         return cls(lo, spacing, count[::-1])
@@ -258,17 +258,17 @@ def _overlap(a, b):
 # ------------------------------------------------------------------------------------------------
 
 
-def _coarse_grid(geometry: CaseGeometry, offset: np.ndarray) -> tuple[Grid, np.ndarray]:
+def _coarse_grid(geometry: CaseGeometry, offset: np.ndarray) -> tuple[Lattice, np.ndarray]:
     """Axis-aligned patient-frame grid covering the scan; returns (grid, physical spacing)."""
     physical = geometry.physical_spacing_mm()
     spacing = np.array([np.clip(min(physical[0], physical[1]), 2.0, 3.0)] * 2
                        + [np.clip(physical[2], 2.0, 3.0)])
     corners = geometry.corners_mm() - offset
     lo, hi = corners.min(axis=0) - 2 * spacing, corners.max(axis=0) + 2 * spacing
-    return Grid.covering(lo, hi, spacing), physical
+    return Lattice.covering(lo, hi, spacing), physical
 
 
-def _partial_volume(hu: np.ndarray, grid: Grid, physical_spacing):
+def _partial_volume(hu: np.ndarray, grid: Lattice, physical_spacing):
     """Blur along each axis so that each output voxel averages over its own extent."""
     for axis in range(3):  # physical axis x, y, z -> array axis 2, 1, 0
         extra = physical_spacing[axis] ** 2 - grid.spacing[axis] ** 2
@@ -278,7 +278,7 @@ def _partial_volume(hu: np.ndarray, grid: Grid, physical_spacing):
                                       truncate=3.0)
 
 
-def _to_image(values: np.ndarray, grid: Grid, sl, offset) -> sitk.Image:
+def _to_image(values: np.ndarray, grid: Lattice, sl, offset) -> sitk.Image:
     image = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))
     image.SetSpacing(tuple(float(v) for v in grid.spacing))
     image.SetOrigin(tuple(float(v) for v in grid.block_origin(sl) + offset))

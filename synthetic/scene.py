@@ -22,7 +22,7 @@ import numpy as np
 from synthetic.appearance import _paint_streaks
 from synthetic.fields import (Field, _ellipsoid, _evaluate, _ramp, _smin, _smooth_noise,
                               _smoothstep, _tube, _upsample)
-from synthetic.grids import Grid, _overlap, _shape_of
+from synthetic.grids import Lattice, _overlap, _shape_of
 from synthetic.patient import Patient
 
 
@@ -34,7 +34,7 @@ from synthetic.patient import Patient
 class _Scene:
     """Paints a patient's HU map and computes its organ fields on one grid."""
 
-    def __init__(self, patient: Patient, grid: Grid, rng: np.random.Generator | None = None):
+    def __init__(self, patient: Patient, grid: Lattice, rng: np.random.Generator | None = None):
         self.p = patient
         self.grid = grid
         self.rng = rng
@@ -220,7 +220,7 @@ class _Scene:
 # ------------------------------------------------------------------------------------------------
 
 
-def _render(patient: Patient, grid: Grid, rng: np.random.Generator, body_box,
+def _render(patient: Patient, grid: Lattice, rng: np.random.Generator, body_box,
             scene: _Scene | None = None):
     """HU map (z, y, x) float32 and the labelled organ fields on ``grid``.
 
@@ -297,7 +297,7 @@ def _render(patient: Patient, grid: Grid, rng: np.random.Generator, body_box,
     return hu, organs, scene
 
 
-def _body_box(patient: Patient, grid: Grid):
+def _body_box(patient: Patient, grid: Lattice):
     """Box (lo, hi) in the patient frame that holds the body (skin and all) on ``grid``'s z."""
     a_max = float(np.max(patient.section(grid.z)[0]))
     layers = [float(np.max(v)) for v in patient.layers(grid.z)]
@@ -772,7 +772,7 @@ def _calibrate(patient: Patient):
             lo, hi = organs[name].box()
         step = {"liver": 5.0, "pancreas": 3.0}.get(name, 4.0)
         # Carving neighbours only matter inside this organ's box: the lattice can stop there.
-        scene = _Scene(p, Grid.covering(lo, hi, [step] * 3))
+        scene = _Scene(p, Lattice.covering(lo, hi, [step] * 3))
         field = scene.labelled_organs(upto=name)[name]
         return 0.0 if field is None else field.volume_ml(step ** 3 / 1000.0, step)
 
