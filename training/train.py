@@ -274,7 +274,12 @@ def manager_has_checkpoint(run):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    train(parse_args(argv))
+
+
+def train(args: argparse.Namespace):
+    """Trains one network as ``args`` (``parse_args``'s namespace) says: builds or resumes the run
+    in ``args.run``, logs, checkpoints, snapshots and exports."""
     import keras
     import tensorflow as tf
 
