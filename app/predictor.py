@@ -118,7 +118,7 @@ def cpu_has_bfloat16():
 def default_precision():
     """bfloat16 on CPUs with native bfloat16 and no visible GPU, else float32.
 
-    Measured on a 2-core AVX512_BF16 CPU (README, "Speed and memory"): the SCN runs about twice
+    Measured on a 2-core AVX512_BF16 CPU (docs/speed.md): the SCN runs about twice
     as fast in bfloat16 and its labels agree with float32 on more than 99.9% of the voxels.
     On GPUs float32 stays the default until a float16 path is measured.
     """

@@ -248,7 +248,7 @@ def precision_warning(precision, on_gpu, cpu_has_bfloat16):
 
     bfloat16 on a CPU without native bfloat16 dot products is emulated: on an Intel Xeon with
     AVX512 but no AVX512_BF16, the SCN step took 5.0 s in bfloat16 against 1.6 s in float32
-    (64^3 crops, README "Training speed").
+    (64^3 crops, docs/training.md, "Training speed").
     """
     if precision == "bfloat16" and not on_gpu and not cpu_has_bfloat16:
         return ("warning: this CPU has no native bfloat16 (AVX512_BF16 or AMX): bfloat16 is "
