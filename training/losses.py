@@ -8,6 +8,13 @@ uncovered organs' probability is merged into the background's (for the sigmoid o
 channels are independent, the undecided channels get no loss there); covered organs still
 exclude each other and the uncovered ones. ``coverage=None`` or all ones gives exactly the
 method's losses.
+
+Ignored voxels. A pseudo-labelled case (training/pseudo_label.py) marks voxels whose label is
+uncertain; its ``voxel_mask`` (batch, z, y, x, 1), 1 where the label is known and 0 where it is
+ignored, leaves them out of every loss: they add nothing to the Dice's sums nor to the
+cross-entropies, and the losses' gradients there are zero. Means stay over all voxels (as for
+partial labels), so a known voxel weighs what it weighs in a fully known case; ``voxel_mask=None``
+or all ones gives exactly the losses without it.
 """
 
 import tensorflow as tf
@@ -64,39 +71,49 @@ def generalized_dice_loss(probabilities, one_hot, epsilon=1e-4, coverage=None, v
         tf.reduce_sum(weights * denominator) + epsilon)
 
 
-def sigmoid_cross_entropy(logits, one_hot, coverage=None):
+def _known(voxel_mask):
+    return None if voxel_mask is None else tf.cast(voxel_mask, tf.float32)
+
+
+def sigmoid_cross_entropy(logits, one_hot, coverage=None, voxel_mask=None):
     """Mean sigmoid cross-entropy of every channel against the one-hot labels.
 
     With ``coverage``: where the merged label is background (background or an uncovered organ),
     the background channel and the uncovered organs' channels are undecided and get no loss;
     every other voxel and channel keeps its term (covered organs: known everywhere; uncovered
     organs: known absent inside covered organs). The mean stays over all terms, so each known
-    term weighs what it weighs in a fully labelled case.
+    term weighs what it weighs in a fully labelled case. ``voxel_mask`` (batch, z, y, x, 1):
+    every channel of a voxel where it is 0 gets no loss.
     """
     logits = tf.cast(logits, tf.float32)
     one_hot = tf.cast(one_hot, tf.float32)
+    voxel_mask = _known(voxel_mask)
     if coverage is None:
-        return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=one_hot,
-                                                                      logits=logits))
+        terms = tf.nn.sigmoid_cross_entropy_with_logits(labels=one_hot, logits=logits)
+        return tf.reduce_mean(terms if voxel_mask is None else voxel_mask * terms)
     classes = one_hot.shape[-1]
     one_hot = merge_uncovered(one_hot, coverage)
     channel_known, partial = _coverage(coverage, classes)
     # the background channel is known only where every organ is covered
     channel_known = tf.concat([1.0 - tf.cast(partial, tf.float32), channel_known[..., 1:]], -1)
     known = tf.maximum(channel_known, 1.0 - one_hot[..., :1])
+    if voxel_mask is not None:
+        known = known * voxel_mask
     return tf.reduce_mean(known * tf.nn.sigmoid_cross_entropy_with_logits(labels=one_hot,
                                                                           logits=logits))
 
 
-def scn_loss(outputs, one_hot, coverage=None):
+def scn_loss(outputs, one_hot, coverage=None, voxel_mask=None):
     """Generalized Dice on the combined P + cross-entropy on local and on spatial logits; each
-    marginal over the organs ``coverage`` leaves out."""
-    return (generalized_dice_loss(outputs["probabilities"], one_hot, coverage=coverage)
-            + sigmoid_cross_entropy(outputs["local_logits"], one_hot, coverage)
-            + sigmoid_cross_entropy(outputs["spatial_logits"], one_hot, coverage))
+    marginal over the organs ``coverage`` leaves out, each without the voxels ``voxel_mask``
+    ignores."""
+    return (generalized_dice_loss(outputs["probabilities"], one_hot, coverage=coverage,
+                                  voxel_mask=voxel_mask)
+            + sigmoid_cross_entropy(outputs["local_logits"], one_hot, coverage, voxel_mask)
+            + sigmoid_cross_entropy(outputs["spatial_logits"], one_hot, coverage, voxel_mask))
 
 
-def localization_loss(logits, one_hot, coverage=None):
+def localization_loss(logits, one_hot, coverage=None, voxel_mask=None):
     """Generalized Dice on the two-class softmax (background, any organ).
 
     With ``coverage`` (batch, organ classes) leaving an organ out, a voxel the label calls
@@ -106,11 +123,16 @@ def localization_loss(logits, one_hot, coverage=None):
     near the labelled organs unknown and the rest background guesses where organs lie (contrast
     phase, intensity augmentation and anatomy vary), and would push real organs to background
     when it guesses wrong. Background is learned from the fully labelled cases.
+
+    ``voxel_mask`` (batch, z, y, x, 1): voxels where it is 0 are left out as well.
     """
     probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+    voxel_mask = _known(voxel_mask)
     if coverage is None:
-        return generalized_dice_loss(probabilities, one_hot)
+        return generalized_dice_loss(probabilities, one_hot, voxel_mask=voxel_mask)
     _, partial = _coverage(coverage, coverage.shape[-1])
     foreground = tf.cast(one_hot, tf.float32)[..., 1:2]
     known = tf.maximum(1.0 - tf.cast(partial, tf.float32), foreground)
+    if voxel_mask is not None:
+        known = known * voxel_mask
     return generalized_dice_loss(probabilities, one_hot, voxel_mask=known)
