@@ -2,7 +2,9 @@
 
 Each sample is resampled once, from a prepared case (training/cases.py), through one random
 transform: affine (translation, rotation, scaling) after an elastic B-spline deformation. The image
-is interpolated linearly, the labels by nearest neighbour, so they stay aligned.
+is interpolated linearly, the labels by nearest neighbour, so they stay aligned; a pseudo-labelled
+case's ignore mask (training/cases.py) goes through the same transform by nearest neighbour, as
+its labels do.
 """
 
 from dataclasses import dataclass
@@ -89,11 +91,24 @@ def resample_pair(image, labels, grid, transform, rng, ranges):
     return scaled, sitk.GetArrayFromImage(labels)
 
 
-def localization_sample(case, rng, ranges=AugmentationRanges(), max_size_zyx=None):
+def resample_ignore(ignore, grid, transform):
+    """An ignore mask (uint8 image, or None: nothing ignored) through ``transform`` onto
+    ``grid`` by nearest neighbour, as labels are; outside it 0 (background there is certain).
+    uint8 array (z, y, x)."""
+    if ignore is None:
+        return np.zeros(tuple(reversed(grid.size)), np.uint8)
+    return sitk.GetArrayFromImage(sitk.Resample(ignore, grid.reference(), transform,
+                                                sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+
+
+def localization_sample(case, rng, ranges=AugmentationRanges(), max_size_zyx=None,
+                        with_ignore=False):
     """(image (z, y, x) float32 scaled, foreground (z, y, x) uint8) on the localization grid.
 
     With ``max_size_zyx`` a random part of the grid no larger than that is returned (cheaper
-    training steps; the network is fully convolutional).
+    training steps; the network is fully convolutional). ``with_ignore``: a third array, the
+    case's ignore mask (z, y, x) uint8 (zeros for a case without one); the random draws are the
+    same either way.
     """
     grid = localization_grid(case.image_grid)
     centre_axis_mm = image_centre_axis_mm(grid)
@@ -106,6 +121,9 @@ def localization_sample(case, rng, ranges=AugmentationRanges(), max_size_zyx=Non
     transform = random_transform(rng, grid, centre, ranges)
     image, labels = resample_pair(case.localization_image, case.localization_labels, grid,
                                   transform, rng, ranges)
+    if with_ignore:
+        return (image, (labels > 0).astype(np.uint8),
+                resample_ignore(case.localization_ignore, grid, transform))
     return image, (labels > 0).astype(np.uint8)
 
 
@@ -114,14 +132,16 @@ ORGAN_CENTRE_WEIGHTS = {1: 1.0, 2: 1.0, 3: 1.0, 4: 2.0}
 
 
 def segmentation_sample(case, rng, crop_size_zyx, ranges=AugmentationRanges(),
-                        organ_centred=0.5):
+                        organ_centred=0.5, with_ignore=False):
     """(image (z, y, x) float32 scaled, labels (z, y, x) uint8) on a 2 mm crop.
 
     The crop centre lies in the training ROI (ground-truth box + 32 mm); with probability
     ``organ_centred`` it is a voxel of a randomly chosen organ instead, so small organs are seen
     often. With probability ``ranges.slab_probability`` the sample imitates a partial field of
     view: a coarser spacing, and only a z-slab of the crop holds image; beyond it the image and
-    the labels repeat the slab's edge rows.
+    the labels repeat the slab's edge rows. ``with_ignore``: a third array, the case's ignore
+    mask (z, y, x) uint8 (zeros for a case without one), on the crop as the labels; the random
+    draws are the same either way.
     """
     parent = Grid.of(case.segmentation_image)
     low, high = case.roi_low_mm, case.roi_high_mm
@@ -142,22 +162,23 @@ def segmentation_sample(case, rng, crop_size_zyx, ranges=AugmentationRanges(),
                                  ranges)
     image, labels = resample_pair(case.segmentation_image, case.segmentation_labels, grid,
                                   transform, rng, ranges)
+    ignore = (resample_ignore(case.segmentation_ignore, grid, transform),) if with_ignore else ()
     if slab:
         first, last = slab_rows(rng, crop_size_zyx[0], spacing, ranges.slab_thickness_mm)
-        keep_slab(image, labels, first, last)
-    return image, labels
+        keep_slab(image, labels, first, last, *ignore)
+    return (image, labels, *ignore)
 
 
-def keep_slab(image, labels, first, last):
-    """In place: rows [first, last) stay; beyond them the image and the labels repeat the slab's
-    edge rows, as inference extends a slab (app.preprocessing.extend_partial_axes; it pastes no
-    labels from those rows).
+def keep_slab(image, labels, first, last, *others):
+    """In place: rows [first, last) stay; beyond them the image and the labels (and each of
+    ``others``, such as an ignore mask) repeat the slab's edge rows, as inference extends a slab
+    (app.preprocessing.extend_partial_axes; it pastes no labels from those rows).
 
     The labels repeat too: with background there (tried from SCN iteration 14,700 to 18,000) the
     network learned to shrink every organ of a slab whose edge rows repeat, the held-out 40 mm
     DICOM slab's liver DSC fell from 0.96 to 0.88 and its spleen's from 0.95 to 0.70."""
-    image[:first], image[last:] = image[first], image[last - 1]
-    labels[:first], labels[last:] = labels[first], labels[last - 1]
+    for values in (image, labels, *others):
+        values[:first], values[last:] = values[first], values[last - 1]
 
 
 def slab_rows(rng, rows, spacing_mm, thickness_mm):

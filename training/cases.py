@@ -8,6 +8,10 @@ these small images instead of the full-resolution CT.
 A case's label may cover only some organs (training/coverage.py: a labelled.json or dataset.json
 beside the cases); the prepared case carries the label ids it covers, and the losses treat the
 other organs as unknown.
+
+A pseudo-labelled case (training/pseudo_label.py) has an ignore mask besides its labels (1 =
+uncertain voxel): it is resampled as the labels are (nearest neighbour) and the losses leave its
+voxels out. Cases without one carry None.
 """
 
 from dataclasses import dataclass
@@ -40,6 +44,9 @@ class PreparedCase:
     roi_low_mm: np.ndarray  # training ROI (ground-truth box + 32 mm), physical axis mm of
     roi_high_mm: np.ndarray  # segmentation_image's frame, from its origin
     covered: tuple = ALL_ORGANS  # label ids the labels cover; the others are unknown, not absent
+    # uint8 ignore masks (1 = the label is uncertain there) on the labels' grids, or None
+    localization_ignore: sitk.Image | None = None
+    segmentation_ignore: sitk.Image | None = None
 
 
 def find_cases(folder):
@@ -72,12 +79,16 @@ def _labels_on(labels, grid):
     return resample(labels, grid, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
-def prepare_case(name, image, labels, covered=ALL_ORGANS):
+def prepare_case(name, image, labels, covered=ALL_ORGANS, ignore=None):
     """Prepare a (CT image in HU, labels) pair on the same grid for training; ``covered``: the
-    label ids the labels cover (the training ROI is the box of the labelled organs)."""
+    label ids the labels cover (the training ROI is the box of the labelled organs);
+    ``ignore``: None, or a uint8 mask on the same grid, 1 where the label is to be ignored."""
     image, _ = to_canonical(image)
     labels, _ = to_canonical(labels)
     labels.CopyInformation(image)
+    if ignore is not None:
+        ignore, _ = to_canonical(ignore)
+        ignore.CopyInformation(image)
     grid = Grid.of(image)
 
     spacing = LOCALIZATION_CACHE_SPACING_MM
@@ -85,6 +96,7 @@ def prepare_case(name, image, labels, covered=ALL_ORGANS):
     coarse = centred_grid(grid, image_centre_axis_mm(grid), size, spacing)
     localization_image = _hu_image(image, coarse, method.LOCALIZATION_TRAINING_SIGMA_MM)
     localization_labels = _labels_on(labels, coarse)
+    localization_ignore = None if ignore is None else _labels_on(ignore, coarse)
 
     array = sitk.GetArrayViewFromImage(labels)
     present = np.nonzero(array)
@@ -101,10 +113,11 @@ def prepare_case(name, image, labels, covered=ALL_ORGANS):
                         spacing)
     segmentation_image = _hu_image(image, fine, method.SEGMENTATION_SMOOTHING_SIGMA_MM)
     segmentation_labels = _labels_on(labels, fine)
+    segmentation_ignore = None if ignore is None else _labels_on(ignore, fine)
     offset = Grid.of(image).physical_to_axis_mm(fine.origin_mm)
     return PreparedCase(name, grid, localization_image, localization_labels, segmentation_image,
                         segmentation_labels, roi_low - offset, roi_high - offset,
-                        tuple(sorted(covered)))
+                        tuple(sorted(covered)), localization_ignore, segmentation_ignore)
 
 
 def _hu_image(image, grid, sigma_mm):
@@ -117,7 +130,8 @@ def _hu_image(image, grid, sigma_mm):
     return hu
 
 
-def load_case(name, image_path, label_path, covered=ALL_ORGANS):
-    """``prepare_case`` of an image file and its label file."""
+def load_case(name, image_path, label_path, covered=ALL_ORGANS, ignore_path=None):
+    """``prepare_case`` of an image file and its label file (and ignore-mask file)."""
+    ignore = None if ignore_path is None else sitk.ReadImage(str(ignore_path), sitk.sitkUInt8)
     return prepare_case(name, sitk.ReadImage(str(image_path)), sitk.ReadImage(str(label_path)),
-                        covered)
+                        covered, ignore)

@@ -12,17 +12,20 @@ from training.coverage import ALL_ORGANS
 
 IMAGES = ("localization_image", "localization_labels", "segmentation_image",
           "segmentation_labels")
+IGNORE_IMAGES = ("localization_ignore", "segmentation_ignore")  # pseudo-labelled cases only
 
 
 def save(case, folder):
-    """Write a prepared case into ``folder`` (MetaImage files + meta.json, meta written last)."""
+    """Write a prepared case into ``folder`` (MetaImage files + meta.json, meta written last);
+    the ignore masks only where the case has them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for field in IMAGES:
+    ignore = case.segmentation_ignore is not None
+    for field in IMAGES + (IGNORE_IMAGES if ignore else ()):
         sitk.WriteImage(getattr(case, field), str(folder / f"{field}.mha"))
     meta = {"name": case.name, "image_grid": case.image_grid.__dict__,
             "roi_low_mm": case.roi_low_mm.tolist(), "roi_high_mm": case.roi_high_mm.tolist(),
-            "covered": list(case.covered)}
+            "covered": list(case.covered), "ignore": ignore}
     temporary = folder / "meta.json.partial"
     temporary.write_text(json.dumps(meta))
     temporary.replace(folder / "meta.json")
@@ -30,10 +33,12 @@ def save(case, folder):
 
 def load(folder):
     """The prepared case in ``folder``; entries written before coverage existed cover every
-    organ (they were all fully labelled)."""
+    organ (they were all fully labelled), and those written before ignore masks existed have
+    none."""
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
-    images = {field: sitk.ReadImage(str(folder / f"{field}.mha")) for field in IMAGES}
+    fields = IMAGES + (IGNORE_IMAGES if meta.get("ignore") else ())
+    images = {field: sitk.ReadImage(str(folder / f"{field}.mha")) for field in fields}
     grid = Grid(**{k: tuple(v) for k, v in meta["image_grid"].items()})
     return PreparedCase(meta["name"], grid, **images, roi_low_mm=np.array(meta["roi_low_mm"]),
                         roi_high_mm=np.array(meta["roi_high_mm"]),
