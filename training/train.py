@@ -57,6 +57,12 @@ def parse_args(argv=None):
                              "rendering augmented and drawn anew)")
     parser.add_argument("--anatomy-weight", type=float, default=0.5,
                         help="share of training samples from rendered real anatomy")
+    parser.add_argument("--pseudo", type=Path, action="append", default=[],
+                        help="folder of pseudo-labelled CT written by training.pseudo_label; "
+                             "repeatable; its ignore masks leave uncertain voxels out of the "
+                             "losses")
+    parser.add_argument("--pseudo-weight", type=float, default=0.2,
+                        help="share of training samples from --pseudo cases")
     parser.add_argument("--iterations", type=int, default=1000, help="total iterations")
     parser.add_argument("--crop-size", type=int, nargs=3, default=(64, 64, 64),
                         metavar=("Z", "Y", "X"),
@@ -175,10 +181,50 @@ def prepare_cases(args):
             anatomy_train)
 
 
-def pick_pool(rng, real, anatomy, generated, data_weight, anatomy_weight):
-    """The source of one sample: real CT with probability ``data_weight``, rendered real
-    anatomy with ``anatomy_weight``, generated CT otherwise (shares of absent sources go to the
-    others). Without anatomy cases the draws are those of earlier runs, so they resume alike."""
+def prepare_pseudo_cases(args):
+    """Training cases of the --pseudo folders (training.pseudo_label), with their ignore masks.
+
+    Each is cached as ``pseudo_NAME_DIGEST``, DIGEST from the SHA-256 of its label and ignore
+    files that pseudo_labels.json records: a later round's labels of the same image get a cache
+    entry of their own. A case whose labels hold no organ cannot give a training ROI and is left
+    out with a warning.
+    """
+    import hashlib
+
+    from training.cases import load_case
+    from training.pseudo_label import read_folder
+    from training.store import cached
+
+    cache = args.cache or args.run / "cache"
+    found = [case for folder in args.pseudo for case in read_folder(folder)]
+
+    def prepared(name, image, labels, ignore, digests):
+        key = hashlib.sha256((digests["labels"] + digests["ignore"]).encode()).hexdigest()[:16]
+        try:
+            return cached(cache, f"pseudo_{name}_{key}", lambda: load_case(
+                name, image, labels, ignore_path=ignore))
+        except ValueError as error:  # prepare_case: no organ voxels
+            print(f"warning: pseudo-labelled case left out: {error}", flush=True)
+            return None
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        cases = list(pool.map(lambda case: prepared(*case), found))
+    return [case for case in cases if case is not None]
+
+
+def pick_pool(rng, real, anatomy, generated, data_weight, anatomy_weight, pseudo=(),
+              pseudo_weight=0.0):
+    """The source of one sample: pseudo-labelled CT with probability ``pseudo_weight``, real CT
+    with ``data_weight``, rendered real anatomy with ``anatomy_weight``, generated CT otherwise
+    (shares of absent sources go to the others). Without pseudo-labelled and anatomy cases the
+    draws are those of earlier runs, so they resume alike."""
+    if pseudo:
+        if not (real or anatomy or generated) or pseudo_weight >= 1.0 or (
+                rng.uniform() < pseudo_weight):
+            return pseudo
+        # the other shares are of all samples: of the samples left they are larger
+        rest = 1.0 - pseudo_weight
+        data_weight, anatomy_weight = data_weight / rest, anatomy_weight / rest
     if real and (not (generated or anatomy) or rng.uniform() < data_weight):
         return real
     if anatomy:
@@ -188,7 +234,8 @@ def pick_pool(rng, real, anatomy, generated, data_weight, anatomy_weight):
     return generated
 
 
-def sample_dataset(make_sample, seed, workers, first_index=0, depth=6, with_coverage=False):
+def sample_dataset(make_sample, seed, workers, first_index=0, depth=6, with_coverage=False,
+                   with_ignore=False):
     """Augmented training samples as an endless tf.data pipeline, in order, batches of one.
 
     Sample ``i`` is ``make_sample(rng)`` with a generator seeded by (seed, i), so the sequence does
@@ -197,24 +244,30 @@ def sample_dataset(make_sample, seed, workers, first_index=0, depth=6, with_cove
     ``depth`` batches are prefetched. Elements: image (1, z, y, x, 1) float32, labels (1, z, y, x)
     uint8; sizes vary for localization samples. ``with_coverage``: ``make_sample`` returns a
     third value, the case's coverage (training.coverage.coverage_vector), and the elements carry
-    it as (1, classes) float32, for the train step's partial-label losses.
+    it as (1, classes) float32, for the train step's partial-label losses. ``with_ignore``:
+    ``make_sample`` returns one more value after those, the sample's ignore mask (z, y, x) (1 =
+    voxel left out of the losses), carried as (1, z, y, x) uint8.
     """
     import tensorflow as tf
 
-
     def make(index):
-        image, labels, *coverage = make_sample(np.random.default_rng([seed, int(index)]))
+        image, labels, *extra = make_sample(np.random.default_rng([seed, int(index)]))
+        coverage = [np.asarray(extra.pop(0), np.float32)] if with_coverage else []
+        ignore = [np.asarray(extra.pop(0), np.uint8)] if with_ignore else []
         return (image.astype(np.float32, copy=False), labels.astype(np.uint8, copy=False),
-                *(np.asarray(c, np.float32) for c in coverage))
+                *coverage, *ignore)
 
     def load(index):
-        types = (tf.float32, tf.uint8) + ((tf.float32,) if with_coverage else ())
-        image, labels, *coverage = tf.numpy_function(make, [index], types, stateful=False)
+        types = ((tf.float32, tf.uint8) + ((tf.float32,) if with_coverage else ())
+                 + ((tf.uint8,) if with_ignore else ()))
+        image, labels, *extra = tf.numpy_function(make, [index], types, stateful=False)
         image.set_shape([None, None, None])
         labels.set_shape([None, None, None])
-        for vector in coverage:
-            vector.set_shape([method.NUM_CLASSES])
-        return (image[..., None], labels, *coverage)
+        if with_coverage:
+            extra[0].set_shape([method.NUM_CLASSES])
+        if with_ignore:
+            extra[-1].set_shape([None, None, None])
+        return (image[..., None], labels, *extra)
 
     return (tf.data.Dataset.counter(first_index)
             .map(load, num_parallel_calls=max(1, workers), deterministic=True)
@@ -290,7 +343,8 @@ def train(args: argparse.Namespace):
 
     args.run.mkdir(parents=True, exist_ok=True)
     (args.run / "args.json").write_text(json.dumps(
-        {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "data" else v)
+        {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k in ("data", "pseudo")
+             else v)
          for k, v in vars(args).items()}, indent=1))
     keras.utils.set_random_seed(args.seed)
     set_precision(args.precision)
@@ -330,18 +384,27 @@ def train(args: argparse.Namespace):
 
     start_time = time.time()
     real, generated, validation, anatomy = prepare_cases(args)
-    print(f"{len(real)} real + {len(anatomy)} real-anatomy + {len(generated)} generated training "
-          f"cases, {len(validation)} validation cases ({time.time() - start_time:.0f} s)",
-          flush=True)
+    pseudo = prepare_pseudo_cases(args) if args.pseudo else []
+    print(f"{len(real)} real + {len(anatomy)} real-anatomy + {len(generated)} generated "
+          + (f"+ {len(pseudo)} pseudo-labelled " if args.pseudo else "")
+          + f"training cases, {len(validation)} validation cases "
+          f"({time.time() - start_time:.0f} s)", flush=True)
+    # Ignore masks travel with the samples only when some case has one: other runs keep the
+    # pipeline and train step they had; a case without one then gets an all-zero mask, which
+    # gives the losses it had (training/losses.py).
+    with_ignore = bool(pseudo)
 
     def make_sample(rng):
-        pool = pick_pool(rng, real, anatomy, generated, args.data_weight, args.anatomy_weight)
+        pool = pick_pool(rng, real, anatomy, generated, args.data_weight, args.anatomy_weight,
+                         pseudo, args.pseudo_weight)
         case = pool[rng.integers(len(pool))]
         if segmentation:
-            sample = augment.segmentation_sample(case, rng, args.crop_size)
+            image, labels, *ignore = augment.segmentation_sample(
+                case, rng, args.crop_size, with_ignore=with_ignore)
         else:
-            sample = augment.localization_sample(case, rng, max_size_zyx=args.crop_size)
-        return (*sample, coverage_vector(case.covered))
+            image, labels, *ignore = augment.localization_sample(
+                case, rng, max_size_zyx=args.crop_size, with_ignore=with_ignore)
+        return (image, labels, coverage_vector(case.covered), *ignore)
 
     train_step = make_train_step(model, optimizer, ema, iteration, mean_gradient_norm,
                                  segmentation, args.ema_decay, strategy)
@@ -356,7 +419,8 @@ def train(args: argparse.Namespace):
     step = int(iteration.numpy())
     samples = iter(strategy.distribute_datasets_from_function(
         lambda _: sample_dataset(make_sample, args.seed, args.workers,
-                                 first_index=step * replicas, with_coverage=True)))
+                                 first_index=step * replicas, with_coverage=True,
+                                 with_ignore=with_ignore)))
     losses_window = []
     tick = time.time()
     try:
@@ -411,16 +475,18 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
                     strategy=None):
     """A compiled step: loss, gradients clipped to 5x their running mean norm, Adam, EMA update.
 
-    Returns ``step(image, labels, coverage=None) -> (loss, gradient norm)``: image
-    (1, z, y, x, 1), labels (1, z, y, x) per replica; ``coverage`` (1, 5) float, the sample's
-    covered organs (training.coverage.coverage_vector; None: all, the method's losses) for the
-    partial-label losses of training/losses.py. With a ``keras.optimizers.LossScaleOptimizer``
-    (float16) the loss is scaled before differentiation, the norm and clipping act on the
-    unscaled gradients, and a step whose gradients overflow returns a non-finite norm and changes
-    no weight (the optimizer halves its scale). Under a distribution ``strategy`` each replica
-    computes the loss and gradients of its own sample; the losses and gradients are averaged
-    across replicas, and clipping, Adam and the EMA act once on the averages (cross-replica
-    context), so N devices train as one device would on the mean gradient of N samples.
+    Returns ``step(image, labels, coverage=None, ignore=None) -> (loss, gradient norm)``:
+    image (1, z, y, x, 1), labels (1, z, y, x) per replica; ``coverage`` (1, 5) float, the
+    sample's covered organs (training.coverage.coverage_vector; None: all, the method's losses)
+    for the partial-label losses of training/losses.py; ``ignore`` (1, z, y, x), 1 at voxels
+    the losses leave out (a pseudo-labelled sample's uncertain voxels; None: none). With a
+    ``keras.optimizers.LossScaleOptimizer`` (float16) the loss is scaled before differentiation,
+    the norm and clipping act on the unscaled gradients, and a step whose gradients overflow
+    returns a non-finite norm and changes no weight (the optimizer halves its scale). Under a
+    distribution ``strategy`` each replica computes the loss and gradients of its own sample; the
+    losses and gradients are averaged across replicas, and clipping, Adam and the EMA act once on
+    the averages (cross-replica context), so N devices train as one device would on the mean
+    gradient of N samples.
     """
     import keras
     import tensorflow as tf
@@ -432,12 +498,13 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
     # float16: the loss is multiplied by the optimizer's dynamic scale before differentiation
     loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
-    def replica_gradients(image, labels, coverage=None):
+    def replica_gradients(image, labels, coverage=None, ignore=None):
         one_hot = tf.one_hot(tf.cast(labels, tf.int32), classes)
+        known = None if ignore is None else 1.0 - tf.cast(ignore, tf.float32)[..., None]
         with tf.GradientTape() as tape:
             outputs = model(image, training=True)
-            loss = (losses.scn_loss(outputs, one_hot, coverage) if segmentation
-                    else losses.localization_loss(outputs, one_hot, coverage))
+            loss = (losses.scn_loss(outputs, one_hot, coverage, known) if segmentation
+                    else losses.localization_loss(outputs, one_hot, coverage, known))
             total = loss + tf.add_n([tf.cast(term, tf.float32) for term in model.losses])
             if loss_scaling:
                 total = optimizer.scale_loss(total)
@@ -447,8 +514,11 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
         return strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
 
     @tf.function(reduce_retracing=True)
-    def train_step(image, labels, coverage=None):
-        inputs = (image, labels) if coverage is None else (image, labels, coverage)
+    def train_step(image, labels, coverage=None, ignore=None):
+        if ignore is not None and coverage is None:  # all covered: the method's losses
+            coverage = tf.ones([tf.shape(labels)[0], method.NUM_CLASSES])
+        inputs = (image, labels) + ((coverage,) if coverage is not None else ()) + (
+            (ignore,) if ignore is not None else ())
         loss, gradients = strategy.run(replica_gradients, args=inputs)
         loss, gradients = mean(loss), [mean(g) for g in gradients]
         scale = tf.cast(optimizer.dynamic_scale, tf.float32) if loss_scaling else 1.0
