@@ -139,6 +139,17 @@ def test_labels_lie_on_the_input_grid_and_ignore_exactly_the_uncertain_voxels(
         ignored[label_array > 0].mean(), abs=1e-6)
 
 
+def test_the_labels_are_those_of_predictor_predict(pseudo_folder, predictor):
+    """The command repeats predict's steps to reach the probabilities: its labels must stay
+    predict's."""
+    images, out, _, _ = pseudo_folder
+    name = f"case{SEEDS[-1]}"
+    expected = predictor.predict(sitk.ReadImage(str(images / f"{name}_0000.nii.gz"))).labels
+    written = sitk.ReadImage(str(out / "labels" / f"{name}.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written),
+                                  sitk.GetArrayFromImage(expected))
+
+
 def test_second_weights_disagreement_is_ignored_beside_the_uncertain_voxels():
     image = sitk.Image([6, 5, 4], sitk.sitkUInt8)
     image.SetSpacing((1.0, 2.0, 3.0))
