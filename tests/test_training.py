@@ -152,7 +152,9 @@ def h5_values(path):
     return values
 
 
-def test_snapshots_are_complete_weights_folders_of_the_ema_at_their_iteration(tmp_path):
+def test_snapshots_are_complete_weights_folders_of_the_ema_at_their_iteration(tmp_path,
+                                                                            precision):
+    # ``precision``: the run leaves Keras' policy at bfloat16; float32 is put back afterwards
     import keras
 
     from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
