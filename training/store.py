@@ -31,25 +31,28 @@ def save(case, folder):
     temporary.replace(folder / "meta.json")
 
 
-def load(folder):
+def load(folder, stage=None):
     """The prepared case in ``folder``; entries written before coverage existed cover every
     organ (they were all fully labelled), and those written before ignore masks existed have
-    none."""
+    none. With ``stage`` ("localization" or "segmentation") only that network's images are read
+    and the other's are None: a localization run then holds a few MB per case instead of the
+    2 mm images around the organs."""
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
     fields = IMAGES + (IGNORE_IMAGES if meta.get("ignore") else ())
-    images = {field: sitk.ReadImage(str(folder / f"{field}.mha")) for field in fields}
+    images = {field: None for field in fields}
+    images.update({field: sitk.ReadImage(str(folder / f"{field}.mha")) for field in fields
+                   if stage is None or field.startswith(stage)})
     grid = Grid(**{k: tuple(v) for k, v in meta["image_grid"].items()})
     return PreparedCase(meta["name"], grid, **images, roi_low_mm=np.array(meta["roi_low_mm"]),
                         roi_high_mm=np.array(meta["roi_high_mm"]),
                         covered=tuple(meta.get("covered", ALL_ORGANS)))
 
 
-def cached(cache_dir, name, prepare):
-    """The prepared case ``name`` from the cache, or ``prepare()`` it and store it there."""
+def cached(cache_dir, name, prepare, stage=None):
+    """The prepared case ``name`` from the cache (only ``stage``'s images, see ``load``), or
+    ``prepare()`` it and store it there whole."""
     folder = Path(cache_dir) / name
-    if (folder / "meta.json").is_file():
-        return load(folder)
-    case = prepare()
-    save(case, folder)
-    return case
+    if not (folder / "meta.json").is_file():
+        save(prepare(), folder)
+    return load(folder, stage)

@@ -132,7 +132,7 @@ def prepare_cases(args):
         seed = GENERATED_SEED_OFFSET[split] + index
         name = f"generated_{split}_{index:04d}"
         return cached(cache, name, lambda: prepare_case(
-            name, *generate_case(seed, in_plane_size=args.generated_size)))
+            name, *generate_case(seed, in_plane_size=args.generated_size)), args.stage)
 
     found = [case for folder in args.data for case in find_cases(folder)]
     coverage = {name: covered for folder in args.data
@@ -150,7 +150,8 @@ def prepare_cases(args):
 
     def real(names):
         cases = [cached(cache, name, lambda n=name, i=image, path=label: load_case(
-                     n, i, path, coverage[n])) for name, image, label in found if name in names]
+                     n, i, path, coverage[n]), args.stage)
+                 for name, image, label in found if name in names]
         return [case if case.covered == coverage[case.name]
                 else dataclasses.replace(case, covered=coverage[case.name]) for case in cases]
 
@@ -165,7 +166,7 @@ def prepare_cases(args):
             name = f"anatomy_{split}_{index:04d}_{path.name.split('.')[0]}"
             return cached(cache, name, lambda: prepare_case(name, *render_case(
                 read_label_map(path), seed, in_plane_size=args.generated_size,
-                augment=split == "train")))
+                augment=split == "train")), args.stage)
 
         anatomy_jobs = [("train", i, maps[i % len(maps)]) for i in range(args.anatomy_cases)]
         anatomy_jobs += [("validation", i, path) for i, path in enumerate(held_maps)]
@@ -202,7 +203,7 @@ def prepare_pseudo_cases(args):
         key = hashlib.sha256((digests["labels"] + digests["ignore"]).encode()).hexdigest()[:16]
         try:
             return cached(cache, f"pseudo_{name}_{key}", lambda: load_case(
-                name, image, labels, ignore_path=ignore))
+                name, image, labels, ignore_path=ignore), args.stage)
         except ValueError as error:  # prepare_case: no organ voxels
             print(f"warning: pseudo-labelled case left out: {error}", flush=True)
             return None
