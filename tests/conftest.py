@@ -1,4 +1,4 @@
-"""Shared fixtures: the project root on sys.path, ../shared data, and a weights folder."""
+"""Shared fixtures: the project root on sys.path, ../shared data, and the shipped Predictor."""
 
 import os
 import sys
@@ -30,3 +30,13 @@ def shared_data_or_skip():
 @pytest.fixture(scope="session")
 def shared_data():
     return shared_data_or_skip()
+
+
+@pytest.fixture(scope="session")
+def predictor():
+    """The Predictor with the shipped weights (weights/, default precision), loaded once for the
+    session. Only for tests that call it without changing it; a test that needs other weights,
+    another precision or loading options, or that patches its internals, makes its own."""
+    from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+
+    return Predictor(DEFAULT_WEIGHTS_DIR)

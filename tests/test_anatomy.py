@@ -256,13 +256,12 @@ def test_real_map_on_its_own_grid_keeps_every_organ_voxel():
     np.testing.assert_array_equal(labels, np.where(source <= 4, source, 0))
 
 
-def test_roi_coverage_checks_held_out_real_anatomy():
-    from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+def test_roi_coverage_checks_held_out_real_anatomy(predictor):
     from evaluation.roi_coverage import anatomy_cases, roi_coverage
     from training.train import anatomy_split
 
     folder = shared_or_skip(ANATOMY, "the real label maps")
     name, image, labels = next(anatomy_cases(folder, 128))
     assert name == "anatomy_" + anatomy_split(folder)[1][0].name.split(".")[0]
-    record = roi_coverage(Predictor(DEFAULT_WEIGHTS_DIR), image, labels)
+    record = roi_coverage(predictor, image, labels)
     assert record["organ_voxels"] > 0 and record["coverage"] > 0.9, record

@@ -166,9 +166,9 @@ def plain_predictor():
     return Predictor(precision="float32", plain=True)
 
 
-@pytest.fixture(scope="module")
-def fast_predictor():
-    return Predictor()
+@pytest.fixture
+def fast_predictor(predictor):
+    return predictor  # the shipped one (conftest): default precision, fast path
 
 
 @pytest.fixture(scope="module")

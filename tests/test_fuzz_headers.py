@@ -46,13 +46,6 @@ def peak_rss_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    from app.predictor import Predictor
-
-    return Predictor()
-
-
 def rotation(quaternion):
     w, x, y, z = np.asarray(quaternion) / np.linalg.norm(quaternion)
     return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],

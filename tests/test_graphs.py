@@ -118,13 +118,13 @@ def test_bad_weights_stop_the_command_before_any_case(tmp_path, capsys):
     assert "not the segmentation network's weights" in capsys.readouterr().err
 
 
-def test_loading_without_warm_up_gives_the_same_labels():
+def test_loading_without_warm_up_gives_the_same_labels(predictor):
     from synthetic import generate_case
 
     image, _ = generate_case(3, in_plane_size=64)
     eager = Predictor(warm_up=False)  # loads in the constructor, runs nothing before predict
     assert eager._ready["segmentation"].is_set()
     labels = sitk.GetArrayFromImage(eager.predict(image).labels)
-    reference = sitk.GetArrayFromImage(Predictor().predict(image).labels)
+    reference = sitk.GetArrayFromImage(predictor.predict(image).labels)
     assert labels.any()
     np.testing.assert_array_equal(labels, reference)

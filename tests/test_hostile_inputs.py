@@ -37,13 +37,6 @@ LIBRARY_NOISE = ("oneDNN", "absl", "I0000", "W0000", "** ERROR", "WARNING", "Tra
 
 
 @pytest.fixture(scope="module")
-def predictor():
-    from app.predictor import Predictor
-
-    return Predictor()
-
-
-@pytest.fixture(scope="module")
 def real_ct(shared_data):
     return shared_data / "images" / "ts_example_0000.nii.gz"
 

@@ -33,11 +33,6 @@ FAST = settings(deadline=None, max_examples=25, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module")
-def predictor():
-    return Predictor()
-
-
 # ---------------------------------------------------------------------------------------------
 # Random geometries
 # ---------------------------------------------------------------------------------------------

@@ -18,17 +18,11 @@ from app import io as image_io
 from app import method
 from app.cli import is_out_of_memory, main, organ_volumes_ml
 from app.io import Case, InputError, find_cases, read_case, write_labels
-from app.predictor import Predictor
 from evaluation.metrics import dice
 from synthetic import CaseGeometry, generate_case
 
 ANGLE = np.radians(5.7)  # an oblique direction: rotated about z
 OBLIQUE = (np.cos(ANGLE), -np.sin(ANGLE), 0.0, np.sin(ANGLE), np.cos(ANGLE), 0.0, 0.0, 0.0, 1.0)
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    return Predictor()
 
 
 def ct_like(size_xyz=(24, 20, 8), spacing=(2.0, 2.5, 3.0), origin=(-20.0, 10.0, -300.0),

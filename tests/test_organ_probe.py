@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.predictor import Predictor
 from evaluation.organ_probe import hu_inside, organ_sizes, probabilities_at_labels
 from synthetic import generate_case
 
@@ -34,12 +33,11 @@ def test_organ_sizes_are_axial_whatever_the_voxel_axes():
 
 
 @pytest.mark.parametrize("seed", [3])
-def test_the_scn_gives_each_organ_its_class_where_the_labels_are(seed):
+def test_the_scn_gives_each_organ_its_class_where_the_labels_are(seed, predictor):
     """On a generated case the shipped SCN gives each organ a high mean probability at its
     labelled voxels; the labels read on a grid shifted by 30 mm (as a misplaced crop would be)
     lose most of it for the liver's neighbours."""
     image, labels = generate_case(seed, in_plane_size=128)
-    predictor = Predictor(warm_up=False)
     found = probabilities_at_labels(predictor, image, labels)
     assert set(found) == {"liver", "kidney", "spleen", "pancreas"}
     for organ, (mean, highest) in found.items():

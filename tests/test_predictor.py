@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.predictor import Predictor
 from evaluation.metrics import organ_dice
 from synthetic import CaseGeometry, generate_case
 
@@ -15,11 +14,6 @@ from synthetic import CaseGeometry, generate_case
 # near 0, so the floor guards geometry; raise it, and add organs, as the weights improve (the
 # first weights segment the liver only: weights/weights.json).
 DSC_FLOOR = {"liver": 0.6}
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    return Predictor()
 
 
 def rotation(axis, degrees):

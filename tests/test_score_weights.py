@@ -39,9 +39,8 @@ def test_organ_scores_of_a_partly_labelled_reference_score_only_its_organs():
     assert list(liver_only) == ["liver"] and liver_only["liver"]["dsc"] == 1.0
 
 
-def test_held_out_anatomy_is_rendered_and_scored(tmp_path):
+def test_held_out_anatomy_is_rendered_and_scored(tmp_path, predictor):
     """Three patients' maps (procedural labels): the one training holds out is scored."""
-    from app.predictor import Predictor
     from evaluation.score_weights import score_anatomy
     from tests.test_anatomy import procedural_map
     from training.train import anatomy_split
@@ -52,7 +51,7 @@ def test_held_out_anatomy_is_rendered_and_scored(tmp_path):
         names.append(f"demo_{i:04d}")
     training, held = anatomy_split(tmp_path)
     assert len(held) == 1 and len(training) == 6  # 15 % of 7 patients
-    result = score_anatomy(Predictor(DEFAULT_WEIGHTS_DIR), tmp_path, in_plane_size=96)
+    result = score_anatomy(predictor, tmp_path, in_plane_size=96)
     assert result["maps"] == [held[0].name.split(".")[0]]
     assert result["dsc"]["liver"]["cases"] == 1
     assert result["dsc"]["liver"]["mean"] > 0.5  # the shipped weights find a rendered liver
