@@ -1,9 +1,10 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when needed.
+# `make test` runs every test (CI); `make test-fast` leaves out those marked slow (pyproject.toml).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test test-fast lint clean-venv
 
 # The project itself is installed in place (no dependencies: requirements.txt pins them), for the
 # console scripts predict, evaluate, trace, train and synthetic in .venv/bin (pyproject.toml).
@@ -18,6 +19,9 @@ demo: $(VENV)/installed
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a training run on two devices (make test-fast skips it)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''

@@ -188,6 +188,7 @@ def cases(shared_data):
     return images
 
 
+@pytest.mark.slow  # 44 s (the plain Keras path on four cases)
 def test_fast_labels_agree_with_the_plain_float32_path(plain_predictor, fast_predictor, cases):
     for name, image in cases.items():
         plain = plain_predictor.predict(image)
@@ -202,6 +203,7 @@ def test_fast_labels_agree_with_the_plain_float32_path(plain_predictor, fast_pre
         assert agreement >= MIN_AGREEMENT, (name, fast_predictor.precision, agreement)
 
 
+@pytest.mark.slow  # 25 s, 33 s where it builds the plain Predictor
 def test_float32_fast_path_gives_the_plain_labels(plain_predictor, cases):
     fast_float32 = Predictor(precision="float32")
     for name in ("real CT", "oblique"):

@@ -15,6 +15,8 @@ from app import method
 from training import augment
 from training.cases import prepare_case
 
+pytestmark = pytest.mark.slow  # training runs (make test-fast skips them)
+
 
 def labelled_phantom():
     """An image whose HU encode its labels: HU = 100 * label - 500, on an oblique-free grid."""

@@ -9,6 +9,8 @@ import SimpleITK as sitk
 
 from training import benchmark
 
+pytestmark = pytest.mark.slow  # training benchmark runs (make test-fast skips them)
+
 
 def test_case_preparation_is_timed_only_when_a_case_is_prepared(tmp_path):
     cases, generating, preparing = benchmark.prepared_cases(tmp_path, count=1)
