@@ -29,9 +29,6 @@ SPACINGS_MM = [(1.0, 1.0, 1.0), (2.5, 0.8, 0.8), (0.8, 0.8, 2.5), (3.0, 0.7, 1.3
 ORGANS = {1: "liver", 2: "kidney", 3: "spleen", 4: "pancreas"}
 FLARE22_TOLERANCES_MM = {"liver": 5.0, "kidney": 3.0, "spleen": 3.0, "pancreas": 5.0}
 
-# The reference imports SciPy's deprecated namespaces; that is its business, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
 
 def reference_nsd(label, prediction, spacing_mm, tolerance_mm):
     distances = reference.compute_surface_distances(label, prediction, spacing_mm)
