@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.import_weights import BUILDERS, NETWORKS, WEIGHTS_FILES, write_folder
+from app import method
+from app.import_weights import BUILDERS, WEIGHTS_FILES, write_folder
 from app.predictor import DEFAULT_WEIGHTS_DIR, read_provenance
 
 
@@ -25,7 +26,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", type=Path, nargs="+", help="weights folders to average")
     parser.add_argument("--out", type=Path, required=True, help="the new weights folder")
-    parser.add_argument("--network", choices=NETWORKS, default="segmentation")
+    parser.add_argument("--network", choices=method.NETWORKS, default="segmentation")
     args = parser.parse_args(argv)
     if len(args.folders) < 2:
         parser.error("give at least two weights folders")
