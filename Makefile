@@ -15,7 +15,7 @@ $(VENV)/installed: requirements.txt constraints.txt pyproject.toml
 	touch $@
 
 demo: $(VENV)/installed
-	$(PY) -m evaluation.demo
+	$(PY) -m demo
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q tests

@@ -5,8 +5,8 @@
                   [--skip-existing] [--overwrite] [--max-gib GIB] [--verbose] [--quiet]
 
 ``--weights DIR``: a weights folder (default: weights/), for example one written by
-``python -m app.import_weights`` from the published EfficientSCN models; its weights.json decides
-the preprocessing.
+``python -m release.import_weights`` from the published EfficientSCN models; its weights.json
+decides the preprocessing.
 
 Inputs (app/io.py says exactly which files are cases): every ``.nii.gz``/``.nii``/``.mha``/
 ``.mhd``/``.nrrd`` image and every subfolder holding one DICOM series in INPUT_DIR is a case,
@@ -322,7 +322,8 @@ def run(input_dir, output_dir, weights_dir=None, report=None, progress=True,
         predictor = predictor or NO_PREDICTOR  # nothing to segment: no model to load
     start = time.perf_counter()
     if predictor is None:
-        from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+        from app.predictor import Predictor
+        from app.weights import DEFAULT_WEIGHTS_DIR
 
         predictor = Predictor(weights_dir or DEFAULT_WEIGHTS_DIR)
         origins = origins_line(predictor.provenance)

@@ -214,7 +214,7 @@ def gaussian_weights(n, spacing_mm, sigma_mm):
 # A weight below this fraction of the largest in its row is set to zero: the recursive Gaussian's
 # tails never reach zero but are this far below float32's resolution (6e-8). Far out they are
 # float32 denormals, which an Intel Xeon multiplies very slowly (localization preprocessing of
-# a 512 x 512 x 300 input: 4.8 s with them, 0.9 s without; `python -m evaluation.benchmark_speed`);
+# a 512 x 512 x 300 input: 4.8 s with them, 0.9 s without; `python -m benchmarks.speed`);
 # without them each block of slices also updates only the output slices it reaches.
 NEGLIGIBLE_WEIGHT = 1e-9
 

@@ -10,7 +10,7 @@ checks them against the Keras models for both precisions.
 Weights files: Keras names a variable in ``.weights.h5`` by the position of its layer in the
 model (``layers/u_net_block_7/convs/conv3d_1/vars/0``), not by the layer's name. ``LAYOUT_FILE``
 maps those places to our variable paths (``local_appearance_expanding_2/conv_1/kernel``);
-``python -m app.graphs --write-layout`` derives it from the Keras models, and a test keeps it
+``python -m release.layout --write`` derives it from the Keras models, and a test keeps it
 equal to what they write.
 """
 
@@ -65,33 +65,6 @@ def read_weights(path, network):
     except OSError as error:
         raise WeightsError(f"{path}: not a readable weights file ({error})") from None
     return values
-
-
-def layout_of(model):
-    """{place in the .weights.h5 file: [variable path, shape]} for a Keras model, found by
-    writing each variable as its own index and reading the file back."""
-    import tempfile
-
-    import h5py
-
-    originals = [v.numpy() for v in model.weights]
-    try:
-        for index, variable in enumerate(model.weights):
-            variable.assign(np.full(variable.shape, index, variable.dtype))
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "layout.weights.h5"
-            model.save_weights(path)
-            layout = {}
-            with h5py.File(path, "r") as h5:
-                def visit(name, item):
-                    if isinstance(item, h5py.Dataset):
-                        variable = model.weights[int(np.asarray(item).flat[0])]
-                        layout[name] = [variable.path, list(variable.shape)]
-                h5.visititems(visit)
-    finally:
-        for variable, value in zip(model.weights, originals):
-            variable.assign(value)
-    return dict(sorted(layout.items()))
 
 
 class Weights:
@@ -169,28 +142,3 @@ def scn_probabilities(x, weights):
     spatial_low = tf.concat([outputs[name] for name in ["background", *ORGANS]], axis=-1)
     spatial = tf.sigmoid(fixed_upsampling(spatial_low, pool, "cubic"))
     return uncertainty_combination(local, spatial)
-
-
-def main(argv=None):
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Weights-file layout of the Keras networks.")
-    parser.add_argument("--write-layout", action="store_true",
-                        help=f"derive the layout from app/networks.py and write {LAYOUT_FILE}")
-    args = parser.parse_args(argv)
-    from app.networks import build_localization_net, build_scn
-
-    layout = {"localization": layout_of(build_localization_net()),
-              "segmentation": layout_of(build_scn())}
-    if args.write_layout:
-        LAYOUT_FILE.write_text(json.dumps(layout, indent=1) + "\n")
-        print(f"wrote {LAYOUT_FILE}")
-    else:
-        same = layout == json.loads(LAYOUT_FILE.read_text())
-        print(f"{LAYOUT_FILE} {'matches' if same else 'DIFFERS FROM'} app/networks.py")
-        return 0 if same else 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -316,3 +316,6 @@ def build_scn():
          "probabilities": probabilities},
         name="scn",
     )
+
+
+BUILDERS = {"localization": build_localization_net, "segmentation": build_scn}

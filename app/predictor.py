@@ -6,10 +6,9 @@ TensorFlow is imported by the ``Predictor``'s loading thread, not by this module
 that segments one case reads and prepares its image while TensorFlow starts.
 """
 
-import json
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,55 +17,11 @@ import SimpleITK as sitk
 from app import graphs, method
 from app.geometry import Grid, from_canonical, to_canonical
 from app.localization import localization_grid, partial_fov_axes, roi_from_foreground
+from app.precision import build_networks, check_precision, default_precision
 from app.preprocessing import crop_margin_mm, extend_partial_axes, network_input
 from app.segmentation import labels_on_roi, paste, segmentation_grid
-
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-LOCALIZATION_WEIGHTS = "localization.weights.h5"
-SEGMENTATION_WEIGHTS = "segmentation.weights.h5"
-PROVENANCE = "weights.json"
-
-
-@dataclass(frozen=True)
-class PreprocessingSettings:
-    """Preprocessing choices that must match how the weights were trained.
-
-    Read from the ``preprocessing`` entry of weights.json; the defaults are ours. Published
-    EfficientSCN weights (``python -m app.import_weights``) need ``PUBLISHED``: area downsampling
-    without smoothing for the localization input, crop padding 0 HU for the segmentation input.
-    """
-
-    localization_sigma_mm: float = method.LOCALIZATION_TRAINING_SIGMA_MM
-    segmentation_sigma_mm: float = method.SEGMENTATION_SMOOTHING_SIGMA_MM
-    crop_padding_hu: float = method.PADDING_HU
-    localization_downsampling: str = "gaussian"
-
-    def __post_init__(self):
-        if self.localization_downsampling not in method.LOCALIZATION_DOWNSAMPLING:
-            raise ValueError(f"preprocessing localization_downsampling "
-                             f"{self.localization_downsampling!r} is not one of "
-                             f"{', '.join(method.LOCALIZATION_DOWNSAMPLING)}")
-
-    @classmethod
-    def from_provenance(cls, provenance):
-        """Settings from a weights.json dict; an unknown setting is an error, not ignored."""
-        values = provenance.get("preprocessing", {})
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown preprocessing settings {sorted(unknown)}: these weights "
-                             "need preprocessing this version cannot do")
-        return cls(**values)
-
-
-# Which settings belong to which network: a weights folder may combine networks of two origins.
-NETWORK_SETTINGS = {
-    "localization": ("localization_downsampling", "localization_sigma_mm"),
-    "segmentation": ("segmentation_sigma_mm", "crop_padding_hu"),
-}
-PUBLISHED = PreprocessingSettings(  # the published inference (METHOD.md, stages 1 and 2)
-    localization_sigma_mm=0.0, localization_downsampling="area",
-    segmentation_sigma_mm=method.SEGMENTATION_SMOOTHING_SIGMA_MM,
-    crop_padding_hu=method.PUBLISHED_CROP_PADDING_HU)
+from app.weights import (DEFAULT_WEIGHTS_DIR, LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS,
+                         read_provenance, read_settings)
 
 
 @dataclass
@@ -80,82 +35,6 @@ class CaseResult:
     segmentation_spacing_mm: float
     crop_size: tuple
     seconds: dict
-
-
-def read_provenance(weights_dir):
-    """The weights.json of a weights folder as a dict ({} when there is none)."""
-    path = Path(weights_dir) / PROVENANCE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def read_settings(weights_dir):
-    """The ``PreprocessingSettings`` of a weights folder; errors name its weights.json."""
-    try:
-        return PreprocessingSettings.from_provenance(read_provenance(weights_dir))
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{Path(weights_dir) / PROVENANCE}: {error}") from None
-
-
-# Inference precisions: name -> Keras dtype policy of the networks' layers. "bfloat16" computes
-# the convolutions in bfloat16 (float32 variables and accumulation; the output convolutions and
-# everything after them stay float32, see FLOAT32_LAYERS). "float16" on GPUs could come later.
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
-# Layers kept in float32 in every precision: the 1x1x1 output convolutions (names ending in
-# "_prediction") and what follows them, so logits and probabilities are not rounded to 8 bits.
-FLOAT32_LAYERS = ("local_sigmoid", "spatial_low", "spatial_up", "spatial_sigmoid",
-                  "probabilities")
-
-
-def cpu_has_bfloat16():
-    """True where the CPU has native bfloat16 dot products (AVX512_BF16 or AMX) (Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def default_precision():
-    """bfloat16 on CPUs with native bfloat16 and no visible GPU, else float32.
-
-    Measured on a 2-core AVX512_BF16 CPU (docs/speed.md): the SCN runs about twice
-    as fast in bfloat16 and its labels agree with float32 on more than 99.9% of the voxels.
-    On GPUs float32 stays the default until a float16 path is measured.
-    """
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        return "float32"
-    return "bfloat16" if cpu_has_bfloat16() else "float32"
-
-
-def check_precision(precision):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-
-
-def build_networks(precision):
-    """Both networks with layers in ``precision`` (a ``PRECISIONS`` key), weights not loaded.
-
-    Keras takes the dtype policy from a global setting at layer creation; it is set for the
-    build only and restored afterwards.
-    """
-    import keras
-
-    from app.networks import build_localization_net, build_scn
-
-    check_precision(precision)
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(PRECISIONS[precision])
-    try:
-        localization_net, scn = build_localization_net(), build_scn()
-    finally:
-        keras.config.set_dtype_policy(previous)
-    for model in (localization_net, scn):
-        for layer in model.layers:
-            if layer.name.endswith("_prediction") or layer.name in FLOAT32_LAYERS:
-                layer.dtype_policy = "float32"
-    return localization_net, scn
 
 
 class Predictor:

@@ -37,6 +37,7 @@ def predictor():
     """The Predictor with the shipped weights (weights/, default precision), loaded once for the
     session. Only for tests that call it without changing it; a test that needs other weights,
     another precision or loading options, or that patches its internals, makes its own."""
-    from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+    from app.predictor import Predictor
+    from app.weights import DEFAULT_WEIGHTS_DIR
 
     return Predictor(DEFAULT_WEIGHTS_DIR)

@@ -215,7 +215,7 @@ def test_cli_renders_cases_around_a_map(tmp_path, capsys):
 
 
 def test_benchmark_renders_the_asked_grid_and_reports_seconds(tmp_path, capsys):
-    from synthetic.benchmark import main as benchmark_main
+    from benchmarks.rendering import main as benchmark_main
 
     path, _ = procedural_map(tmp_path / "maps")
     assert benchmark_main(["--anatomy", str(path.parent), "--maps", "1", "--size", "40", "36",
@@ -257,7 +257,7 @@ def test_real_map_on_its_own_grid_keeps_every_organ_voxel():
 
 
 def test_roi_coverage_checks_held_out_real_anatomy(predictor):
-    from evaluation.roi_coverage import anatomy_cases, roi_coverage
+    from release.roi_coverage import anatomy_cases, roi_coverage
     from training.train import anatomy_split
 
     folder = shared_or_skip(ANATOMY, "the real label maps")

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from app.networks import build_scn
-from app.predictor import (DEFAULT_WEIGHTS_DIR, LOCALIZATION_WEIGHTS, PROVENANCE,
-                           SEGMENTATION_WEIGHTS)
+from app.weights import DEFAULT_WEIGHTS_DIR, LOCALIZATION_WEIGHTS, PROVENANCE, SEGMENTATION_WEIGHTS
 from training.average_weights import main as average_main
 
 

@@ -19,7 +19,8 @@ from app import method
 from app.geometry import (Grid, centred_grid, gaussian_weights, separable_apply,
                           without_negligible_weights)
 from app.localization import Roi, localization_grid
-from app.predictor import FLOAT32_LAYERS, Predictor, build_networks
+from app.precision import FLOAT32_LAYERS, build_networks
+from app.predictor import Predictor
 from app.preprocessing import network_input
 from app.segmentation import labels_on_roi, segmentation_grid
 from synthetic import CaseGeometry, generate_case

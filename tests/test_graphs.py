@@ -12,8 +12,9 @@ import tensorflow as tf
 
 from app import graphs
 from app.cli import main
-from app.predictor import (DEFAULT_WEIGHTS_DIR, LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS,
-                           Predictor, build_networks)
+from app.precision import build_networks
+from app.predictor import Predictor
+from app.weights import DEFAULT_WEIGHTS_DIR, LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
 
 ROOT = DEFAULT_WEIGHTS_DIR.parent
 FILES = {"localization": DEFAULT_WEIGHTS_DIR / LOCALIZATION_WEIGHTS,
@@ -71,7 +72,7 @@ def test_graphs_give_the_keras_models_outputs(precision, volume):
 
 
 def test_the_layout_file_matches_what_the_keras_models_write():
-    result = subprocess.run([sys.executable, "-m", "app.graphs"], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "release.layout"], cwd=ROOT, capture_output=True,
                             encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "matches" in result.stdout

@@ -19,14 +19,14 @@ import tensorflow as tf
 
 from app import method
 from app.geometry import Grid, area_resample
-from app.import_weights import VALUE_SUFFIX, import_weights
-from app.import_weights import main as import_main
 from app.localization import localization_grid
 from app.networks import build_localization_net, build_scn
-from app.predictor import (DEFAULT_WEIGHTS_DIR, PROVENANCE, Predictor, PreprocessingSettings,
-                           read_settings)
+from app.predictor import Predictor
 from app.preprocessing import network_input
-from evaluation.roi_coverage import roi_coverage
+from app.weights import DEFAULT_WEIGHTS_DIR, PROVENANCE, PreprocessingSettings, read_settings
+from release.import_weights import VALUE_SUFFIX, import_weights
+from release.import_weights import main as import_main
+from release.roi_coverage import roi_coverage
 from synthetic import generate_case
 from tests.conftest import ROOT, shared_or_skip
 

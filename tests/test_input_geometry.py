@@ -23,7 +23,7 @@ from app.predictor import Predictor
 from app.preprocessing import scale_intensity
 from app.segmentation import MAX_CROP_SIZE, MAX_CROP_VOXELS, labels_on_roi, paste, segmentation_grid
 from evaluation.metrics import organ_dice
-from evaluation.roi_coverage import roi_coverage
+from release.roi_coverage import roi_coverage
 from synthetic import CaseGeometry, generate_case
 from tests.conftest import ROOT
 from tests.test_predictor import rotation
@@ -257,7 +257,7 @@ def published_localization(tmp_path_factory):
         if os.environ.get("REQUIRE_SHARED_DATA"):
             pytest.fail(f"{UPSTREAM} is missing but REQUIRE_SHARED_DATA is set")
         pytest.skip(f"{UPSTREAM} is absent (the published weights are obtained by users)")
-    from app.import_weights import import_weights
+    from release.import_weights import import_weights
 
     out = tmp_path_factory.mktemp("published") / "weights"
     import_weights(UPSTREAM, out, only="localization")

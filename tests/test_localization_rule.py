@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from evaluation.localization_rule import choose, conditions, main
+from release.localization_rule import choose, conditions, main
 from tests.test_shipping_rule import scores
 
 MAPS = ("anatomy_a", "anatomy_b", "anatomy_c")
@@ -91,7 +91,7 @@ def test_choice_prefers_the_mean_unless_the_snapshot_covers_clearly_more(tmp_pat
 
 def test_the_shipped_coverage_against_itself_fails_only_for_lack_of_gain():
     """The rule reads what roi_coverage and score_weights write; weights.json holds the scores."""
-    from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE
+    from app.weights import DEFAULT_WEIGHTS_DIR, PROVENANCE
 
     shipped = json.loads((DEFAULT_WEIGHTS_DIR / PROVENANCE).read_text())["scores"]
     base = (shipped, coverage())

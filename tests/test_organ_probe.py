@@ -1,10 +1,10 @@
-"""evaluation.organ_probe: HU inside organs and the SCN's probabilities at their voxels."""
+"""release.organ_probe: HU inside organs and the SCN's probabilities at their voxels."""
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from evaluation.organ_probe import hu_inside, organ_sizes, probabilities_at_labels
+from release.organ_probe import hu_inside, organ_sizes, probabilities_at_labels
 from synthetic import generate_case
 
 

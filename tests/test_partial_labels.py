@@ -72,7 +72,7 @@ def test_labelled_json_declares_cases_and_the_whole_folder(tmp_path):
 
 
 def test_the_shared_partial_case_declares_its_liver_only():
-    from evaluation.roi_coverage import SHARED_DATA
+    from release.roi_coverage import SHARED_DATA
 
     folder = SHARED_DATA / "partial"
     if not (folder / "labelled.json").is_file():

@@ -17,12 +17,13 @@ import tensorflow as tf
 from app import method
 from app.geometry import Grid, from_canonical, to_canonical
 from app.localization import Roi, localization_grid
-from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+from app.predictor import Predictor
+from app.weights import DEFAULT_WEIGHTS_DIR
 from synthetic import generate_case
 from training import augment
 from training.cases import prepare_case
 from training.losses import localization_loss, scn_loss
-from training.pseudo_label import RECORD, Prediction, main, read_folder, uncertain_mask
+from training.pseudo_label import Prediction, RECORD, main, read_folder, uncertain_mask
 
 MIN_PROBABILITY = 0.9
 PRECISION = "float32"  # the test computes the probabilities again in the same precision

@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from evaluation.benchmark_speed import RssSampler
+from benchmarks.speed import RssSampler
 from evaluation.sampling import PeriodicSampler
 
 

@@ -1,4 +1,4 @@
-"""evaluation.score_weights: DSC / NSD of a weights folder, written into its weights.json."""
+"""release.score_weights: DSC / NSD of a weights folder, written into its weights.json."""
 
 import json
 import shutil
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE
-from evaluation.score_weights import main, organ_scores
+from app.weights import DEFAULT_WEIGHTS_DIR, PROVENANCE
+from release.score_weights import main, organ_scores
 
 
 def test_organ_scores_are_per_organ_of_the_reference_and_need_one_grid():
@@ -41,7 +41,7 @@ def test_organ_scores_of_a_partly_labelled_reference_score_only_its_organs():
 
 def test_held_out_anatomy_is_rendered_and_scored(tmp_path, predictor):
     """Three patients' maps (procedural labels): the one training holds out is scored."""
-    from evaluation.score_weights import score_anatomy
+    from release.score_weights import score_anatomy
     from tests.test_anatomy import procedural_map
     from training.train import anatomy_split
 

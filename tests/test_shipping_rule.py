@@ -3,7 +3,7 @@
 import copy
 import json
 
-from evaluation.shipping_rule import ORGANS, choose, conditions, main
+from release.shipping_rule import ORGANS, choose, conditions, main
 
 
 def scores(anatomy=0.80, anatomy_nsd=0.40, generated=0.95, example=0.94, dicom_pancreas=0.36):
@@ -68,7 +68,7 @@ def test_choice_prefers_the_average_unless_the_snapshot_is_clearly_better(tmp_pa
 
 def test_the_shipped_scores_against_themselves_fail_only_for_lack_of_gain():
     """The rule reads the score file score_weights writes (weights.json holds the same dict)."""
-    from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE
+    from app.weights import DEFAULT_WEIGHTS_DIR, PROVENANCE
 
     shipped = json.loads((DEFAULT_WEIGHTS_DIR / PROVENANCE).read_text())["scores"]
     assert failed(shipped, shipped) == ["1. held-out anatomy: mean dsc rises >= 0.02",

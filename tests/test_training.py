@@ -159,7 +159,8 @@ def test_snapshots_are_complete_weights_folders_of_the_ema_at_their_iteration(tm
     # ``precision``: the run leaves Keras' policy at bfloat16; float32 is put back afterwards
     import keras
 
-    from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+    from app.predictor import Predictor
+    from app.weights import DEFAULT_WEIGHTS_DIR
     from training.train import main
 
     run = tmp_path / "run"

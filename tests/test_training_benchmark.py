@@ -1,4 +1,4 @@
-"""training.benchmark: case preparation is timed when a case is prepared, not when it comes from
+"""benchmarks.training: case preparation is timed when a case is prepared, not when it comes from
 the cache, and the pipeline alone (--no-network) delivers samples."""
 
 import re
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from training import benchmark
+from benchmarks import training as benchmark
 
 pytestmark = pytest.mark.slow  # training benchmark runs (make test-fast skips them)
 

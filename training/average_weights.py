@@ -6,7 +6,7 @@ Writes a complete weights folder: the chosen network's variables are the element
 folders' (the files must hold the same architecture; keras refuses others), the other network and
 weights.json come from the first folder, and weights.json's entry for the averaged network records
 the folders it was averaged from; the first folder's scores are dropped (they are not the
-average's: ``python -m evaluation.score_weights --weights DIR --update`` writes new ones). The
+average's: ``python -m release.score_weights --weights DIR --update`` writes new ones). The
 folder is written under a temporary name and renamed into place. Averaging only makes sense for
 weights fine-tuned from one initialisation (snapshots or fine-tunings of one run), not for
 independently trained models such as cross-validation folds.
@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from app import method
-from app.import_weights import BUILDERS, WEIGHTS_FILES, write_folder
-from app.predictor import DEFAULT_WEIGHTS_DIR, read_provenance
+from app.networks import BUILDERS
+from app.weights import WEIGHTS_FILES
+from app.weights import DEFAULT_WEIGHTS_DIR, read_provenance
+from release.weights_folder import write_folder
 
 
 def parse_args(argv=None):

@@ -11,7 +11,7 @@ are the last run's, and ``runs`` lists each one. With ``--extend``, the run fold
 continue the network that weights.json already records (its own run folders may be gone, e.g. on
 a fresh machine): they are appended to its chain. A network given no run folder keeps its recorded
 entry. Keeps any ``scores`` already in
-weights.json (evaluation/score_weights.py --update writes them), its ``notes``, and per network
+weights.json (release/score_weights.py --update writes them), its ``notes``, and per network
 the fields recorded by hand that the runs cannot tell (e.g. a learning-rate schedule across
 resumed runs).
 """
@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from app.predictor import PROVENANCE, PreprocessingSettings
+from app.weights import PROVENANCE, PreprocessingSettings
 
 
 def log_rows(log_path, up_to=None):
@@ -85,7 +85,7 @@ def run_summary(run):
     }
 
 
-# Our weights: NOTICE. The published weights that app.import_weights converts are GPL-3.0.
+# Our weights: NOTICE. The published weights that release.import_weights converts are GPL-3.0.
 LICENSE = ("Apache-2.0 (trained by this project; no third-party weights); use also subject to the "
            "terms of the training data (weights/MODEL_CARD.md)")
 RUN_FIELDS = ("iterations", "training_wall_seconds", "generated_training_cases", "learning_rate",

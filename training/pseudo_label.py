@@ -196,7 +196,7 @@ def weights_summary(weights_dir):
     """What pseudo_labels.json records of a weights folder: its path, its files' SHA-256 and the
     identifying parts of its weights.json (date, and per network export, iterations, origin and
     snapshot)."""
-    from app.predictor import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS, read_provenance
+    from app.weights import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS, read_provenance
 
     weights_dir = Path(weights_dir)
     provenance = read_provenance(weights_dir)
@@ -297,7 +297,8 @@ def run(images, out, weights_dir=None, min_probability=DEFAULT_MIN_PROBABILITY,
 
     Raises FileNotFoundError / NotADirectoryError / PermissionError / ValueError before any work
     when there is no case, ``out`` is not writable or the weights are missing or invalid."""
-    from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+    from app.predictor import Predictor
+    from app.weights import DEFAULT_WEIGHTS_DIR
 
     out = Path(out)
     cases, skipped = image_io.survey(images)

@@ -349,7 +349,7 @@ def train(args: argparse.Namespace):
          for k, v in vars(args).items()}, indent=1))
     keras.utils.set_random_seed(args.seed)
     set_precision(args.precision)
-    from app.predictor import cpu_has_bfloat16
+    from app.precision import cpu_has_bfloat16
 
     warning = precision_warning(args.precision, bool(tf.config.list_physical_devices("GPU")),
                                 cpu_has_bfloat16())
@@ -364,7 +364,7 @@ def train(args: argparse.Namespace):
         optimizer = make_optimizer(learning_rate, args.precision)
         optimizer.build(model.trainable_variables)
         if args.init_weights and not manager_has_checkpoint(args.run):
-            from app.predictor import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
+            from app.weights import LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS
 
             model.load_weights(args.init_weights / (SEGMENTATION_WEIGHTS if segmentation
                                                     else LOCALIZATION_WEIGHTS))
@@ -546,12 +546,12 @@ def make_train_step(model, optimizer, ema, iteration, mean_gradient_norm, segmen
 
 
 def write_snapshot(ema, args, step):
-    """RUN/snapshots/ITERATION: a complete weights folder app/ can load (app.import_weights'
+    """RUN/snapshots/ITERATION: a complete weights folder app/ can load (release.import_weights'
     folder writer: temporary name, then rename). The other network and weights.json come from
     --init-weights (the shipped weights without it); the init's scores are dropped, as they are
     not the snapshot's."""
-    from app.import_weights import write_folder
-    from app.predictor import DEFAULT_WEIGHTS_DIR, read_provenance
+    from app.weights import DEFAULT_WEIGHTS_DIR, read_provenance
+    from release.weights_folder import write_folder
 
     source = args.init_weights or DEFAULT_WEIGHTS_DIR
     provenance = read_provenance(source)
@@ -569,7 +569,7 @@ def ema_model(ema, stage):
     restored afterwards."""
     import keras
 
-    from app.import_weights import BUILDERS
+    from app.networks import BUILDERS
 
     training_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
@@ -584,7 +584,7 @@ def ema_model(ema, stage):
 
 def export_weights(ema, stage, weights_dir):
     """Write the EMA values into ``weights_dir`` as the weights file app/ loads (atomically)."""
-    from app.import_weights import WEIGHTS_FILES
+    from app.weights import WEIGHTS_FILES
 
     weights_dir.mkdir(parents=True, exist_ok=True)
     name = WEIGHTS_FILES[stage]

@@ -1,6 +1,6 @@
 """Per organ, what the SCN sees and says: HU inside the labels and the SCN's probability there.
 
-    python -m evaluation.organ_probe [--weights DIR] [--seeds 1 2] [--in-plane-size 256]
+    python -m release.organ_probe [--weights DIR] [--seeds 1 2] [--in-plane-size 256]
 
 For the real CT of ../shared/data (when present) and generated cases, prints per labelled organ
 its volume (mL) and largest axial cross-section (cm2), the HU median and 10th / 90th percentiles
@@ -20,8 +20,9 @@ import SimpleITK as sitk
 
 from app import method
 from app.geometry import to_canonical
-from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
-from evaluation.roi_coverage import generated_cases, labels_on_image_grid, real_cases
+from app.predictor import Predictor
+from app.weights import DEFAULT_WEIGHTS_DIR
+from release.roi_coverage import generated_cases, labels_on_image_grid, real_cases
 
 
 def organ_sizes(labels):
@@ -77,7 +78,7 @@ def probe(predictor, image, labels):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m evaluation.organ_probe",
+    parser = argparse.ArgumentParser(prog="python -m release.organ_probe",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR)
     parser.add_argument("--seeds", type=int, nargs="*", default=[],

@@ -5,7 +5,7 @@ DSC and NSD at 1 mm (the FLARE21 protocol, evaluation.metrics.challenge_scores) 
 in the reference; for partly labelled real CT (../shared/data/partial, its labelled.json) only
 the organs the case covers.
 
-    python -m evaluation.score_weights [--weights weights] [--cases 10]
+    python -m release.score_weights [--weights weights] [--cases 10]
                                        [--anatomy ../shared/anatomy] [--update]
                                        [--json FILE]
 
@@ -25,9 +25,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from app import method
-from app.predictor import DEFAULT_WEIGHTS_DIR, PROVENANCE, Predictor
+from app.predictor import Predictor
+from app.weights import DEFAULT_WEIGHTS_DIR, PROVENANCE
 from evaluation.metrics import challenge_scores, same_grid
-from evaluation.roi_coverage import (ANATOMY_TEST_SEED_OFFSET, SHARED_DATA, anatomy_cases,
+from release.roi_coverage import (ANATOMY_TEST_SEED_OFFSET, SHARED_DATA, anatomy_cases,
                                      labels_on_image_grid, real_cases)
 from training.coverage import FOLDER_KEY, folder_declarations
 
@@ -43,7 +44,7 @@ def parse_args(argv=None):
                         help="label-map folder: also score renderings of its held-out maps")
     parser.add_argument("--update", action="store_true", help="write scores into weights.json")
     parser.add_argument("--json", type=Path, default=None,
-                        help="also write the scores to this file (for evaluation.shipping_rule)")
+                        help="also write the scores to this file (for release.shipping_rule)")
     return parser.parse_args(argv)
 
 

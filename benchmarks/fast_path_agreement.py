@@ -1,6 +1,6 @@
 """How far the shipped (fast) path's labels are from the plain float32 path's.
 
-    python -m evaluation.fast_path_agreement [--weights DIR] [--images FILE ...] [--no-generated]
+    python -m benchmarks.fast_path_agreement [--weights DIR] [--images FILE ...] [--no-generated]
 
 For every case: the share of all voxels with equal labels, and of the voxels that either path
 labels as an organ, and each path's seconds. Cases: ../shared/data/images and generated
@@ -61,7 +61,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import SimpleITK as sitk
 
-    from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+    from app.predictor import Predictor
+    from app.weights import DEFAULT_WEIGHTS_DIR
 
     weights = args.weights or DEFAULT_WEIGHTS_DIR
     paths = [*sorted(REAL_IMAGES.glob("*_0000.nii.gz")), *args.images]

@@ -1,14 +1,14 @@
 """How much of the labelled organs the localization stage's ROI contains, per case.
 
-    python -m evaluation.roi_coverage [--weights DIR] [--seeds 1 2 3] [--in-plane-size 256]
+    python -m release.roi_coverage [--weights DIR] [--seeds 1 2 3] [--in-plane-size 256]
                                       [--anatomy ../shared/anatomy]
 
 Runs stage 1 alone (``Predictor.localize``) with the weights of DIR on the real CT of
 ../shared/data (when present) and on generated cases, and prints per case the ROI in voxel indices
 (of the LPS-reoriented image) and in mm, and the share of labelled organ voxels inside it. Used to
-check imported published weights (``python -m app.import_weights``): the ROI must contain at least
-99% of the organ voxels. With ``--anatomy`` the held-out real-anatomy maps are rendered as
-``python -m evaluation.score_weights --anatomy`` renders them (same seeds, unaugmented) and checked
+check imported published weights (``python -m release.import_weights``): the ROI must contain at
+least 99% of the organ voxels. With ``--anatomy`` the held-out real-anatomy maps are rendered as
+``python -m release.score_weights --anatomy`` renders them (same seeds, unaugmented) and checked
 too.
 """
 
@@ -23,7 +23,8 @@ import SimpleITK as sitk
 from app import method
 from app.geometry import Grid, to_canonical
 from app.io import read_dicom_series
-from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+from app.predictor import Predictor
+from app.weights import DEFAULT_WEIGHTS_DIR
 from synthetic import generate_case
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -110,7 +111,7 @@ def summary_line(name, record):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m evaluation.roi_coverage",
+    parser = argparse.ArgumentParser(prog="python -m release.roi_coverage",
                                      description="Share of organ voxels inside the stage-1 ROI.")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR,
                         help="weights folder (default: weights/)")

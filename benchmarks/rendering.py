@@ -1,6 +1,6 @@
 """Rendering speed: seconds per real-anatomy case on a fixed grid, beside the procedural generator.
 
-    .venv/bin/python -m synthetic.benchmark [--anatomy ../shared/anatomy] [--maps 5]
+    .venv/bin/python -m benchmarks.rendering [--anatomy ../shared/anatomy] [--maps 5]
                                             [--size 512 512 200] [--spacing 0.8 0.8 2.0]
 
 Every timed case is rendered with augmentation (as training renders them) on a grid of ``--size``

@@ -1,6 +1,6 @@
 """Benchmark: our surface Dice against the reference implementation on one full-resolution liver.
 
-    python -m evaluation.benchmark_evaluate [--size 512 512 200] [--spacing 0.8 0.8 2.5]
+    python -m benchmarks.evaluate [--size 512 512 200] [--spacing 0.8 0.8 2.5]
                                             [--repeats 3]
 
 Builds a label and a realistic prediction of a liver (about 1.7 L, boundary errors of 1-3 mm) in

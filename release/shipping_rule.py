@@ -1,7 +1,7 @@
 """Apply rule R-anatomy (weights/MODEL_CARD.md) to the scores of the shipped weights and of the
-candidates, as ``python -m evaluation.score_weights --anatomy ... --json FILE`` writes them.
+candidates, as ``python -m release.score_weights --anatomy ... --json FILE`` writes them.
 
-    python -m evaluation.shipping_rule BASELINE.json A=CANDIDATE_A.json [B=CANDIDATE_B.json]
+    python -m release.shipping_rule BASELINE.json A=CANDIDATE_A.json [B=CANDIDATE_B.json]
 
 Prints every condition with both numbers and PASS/FAIL per candidate, then the candidate the rule
 ships (or none). The thresholds are the rule's, fixed before any candidate was scored; change them

@@ -1,6 +1,6 @@
 """Import the published EfficientSCN weights (TF2 SavedModels) into this project's networks.
 
-    python -m app.import_weights SAVED_MODELS_DIR --out DIR [--only NETWORK] [--fill-from DIR]
+    python -m release.import_weights SAVED_MODELS_DIR --out DIR [--only NETWORK] [--fill-from DIR]
 
 SAVED_MODELS_DIR holds the authors' ``localization/`` and/or ``segmentation/`` SavedModel folders
 (``submitted_saved_models`` of github franzthaler/FLARE21-EfficientSCN, GPL-3.0). Only their
@@ -21,9 +21,6 @@ into it) and is not covered by this project's Apache-2.0 license (NOTICE).
 """
 
 import argparse
-import json
-import os
-import shutil
 import sys
 from datetime import date
 from pathlib import Path
@@ -32,13 +29,12 @@ import numpy as np
 import tensorflow as tf
 
 from app import method
-from app.networks import build_localization_net, build_scn
-from app.predictor import (DEFAULT_WEIGHTS_DIR, LOCALIZATION_WEIGHTS, NETWORK_SETTINGS, PROVENANCE,
-                           PUBLISHED, SEGMENTATION_WEIGHTS, read_provenance, read_settings)
+from app.networks import BUILDERS
+from app.weights import (DEFAULT_WEIGHTS_DIR, NETWORK_SETTINGS, PUBLISHED, WEIGHTS_FILES,
+                         read_provenance, read_settings)
+from release.weights_folder import write_folder
 
-WEIGHTS_FILES = {"localization": LOCALIZATION_WEIGHTS, "segmentation": SEGMENTATION_WEIGHTS}
 PARAMETERS = {"localization": method.LOCALIZATION_PARAMETERS, "segmentation": method.SCN_PARAMETERS}
-BUILDERS = {"localization": build_localization_net, "segmentation": build_scn}
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"  # how a TF2 object checkpoint names a variable's value
 PUBLISHED_ORIGIN = "published EfficientSCN SavedModel"
 PUBLISHED_LICENSE = "GPL-3.0 (published EfficientSCN models)"
@@ -203,40 +199,6 @@ def check_output(out_dir, overwrite):
         raise FileExistsError(f"{out_dir}: already exists; choose another folder or --overwrite")
 
 
-def write_folder(out_dir, models, provenance, fill_from, license_files):
-    """Write the weights folder under a temporary name next to it, then rename it into place.
-
-    An existing folder is moved aside first and put back if the rename fails.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    previous = out_dir.with_name(f".{out_dir.name}.previous-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
-        for network in method.NETWORKS:
-            if network in models:
-                models[network].save_weights(temporary / WEIGHTS_FILES[network])
-            else:
-                shutil.copyfile(Path(fill_from) / WEIGHTS_FILES[network],
-                                temporary / WEIGHTS_FILES[network])
-        for path in license_files:
-            shutil.copyfile(path, temporary / path.name)
-        (temporary / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-        if out_dir.exists():
-            os.replace(out_dir, previous)
-        try:
-            os.replace(temporary, out_dir)
-        except OSError:
-            if previous.exists():
-                os.replace(previous, out_dir)
-            raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-        shutil.rmtree(previous, ignore_errors=True)
-
-
 def import_weights(saved_models_dir, out_dir, only=None, fill_from=DEFAULT_WEIGHTS_DIR,
                    overwrite=False):
     """Import the published networks into a weights folder for ``Predictor``.
@@ -269,7 +231,7 @@ def import_weights(saved_models_dir, out_dir, only=None, fill_from=DEFAULT_WEIGH
     license_files = sorted(p for p in saved_models_dir.glob("LICENSE*") if p.is_file())
     provenance = {
         "date": date.today().isoformat(),
-        "imported_with": "python -m app.import_weights",
+        "imported_with": "python -m release.import_weights",
         "source": str(saved_models_dir.resolve()),
         "license": PUBLISHED_LICENSE,
         "license_files": [p.name for p in license_files],
@@ -286,7 +248,7 @@ def import_weights(saved_models_dir, out_dir, only=None, fill_from=DEFAULT_WEIGH
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m app.import_weights",
+        prog="python -m release.import_weights",
         description="Import the published EfficientSCN SavedModels (GPL-3.0) as a weights folder "
                     "for predict.sh --weights.")
     parser.add_argument("saved_models_dir", type=Path,

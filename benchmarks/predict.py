@@ -1,6 +1,6 @@
 """Benchmark: one process per case, as the organisers run it; seconds per stage.
 
-    python -m evaluation.benchmark_predict [--size 512 512 200] [--repeats 2]
+    python -m benchmarks.predict [--size 512 512 200] [--repeats 2]
 
 Generates one case, then runs ``predict.sh`` on it in a fresh process ``--repeats`` times and
 prints the wall time of the whole command (process start, imports and model loading included)

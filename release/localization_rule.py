@@ -1,11 +1,11 @@
 """Apply rule R-loc (weights/MODEL_CARD.md) to a localization candidate: the ROI's coverage of
 the held-out real anatomy, and the end-to-end scores with the shipped SCN.
 
-    python -m evaluation.localization_rule --baseline SCORES.json COVERAGE.json \\
+    python -m release.localization_rule --baseline SCORES.json COVERAGE.json \\
         --candidate A SCORES.json COVERAGE.json [--candidate B SCORES.json COVERAGE.json]
 
-SCORES: ``python -m evaluation.score_weights --weights DIR --anatomy ../shared/anatomy --json``;
-COVERAGE: ``python -m evaluation.roi_coverage --weights DIR --seeds --anatomy ../shared/anatomy
+SCORES: ``python -m release.score_weights --weights DIR --anatomy ../shared/anatomy --json``;
+COVERAGE: ``python -m release.roi_coverage --weights DIR --seeds --anatomy ../shared/anatomy
 --in-plane-size 512 --json``. Prints every condition with both numbers and PASS/FAIL, then the
 candidate the rule ships (or none). The thresholds are the rule's, fixed before any candidate was
 scored.
@@ -18,8 +18,8 @@ import json
 import math
 from pathlib import Path
 
-from evaluation.shipping_rule import mean_of, organ_means
-from evaluation.shipping_rule import conditions as anatomy_rule_conditions
+from release.shipping_rule import mean_of, organ_means
+from release.shipping_rule import conditions as anatomy_rule_conditions
 
 REAL_CASES = ("ts_example", "ts_dicom")
 FULL = 0.995  # a map counts as fully covered when every organ has at least this share inside

@@ -1,6 +1,6 @@
 """Speed and memory per stage, one process per case and a whole folder in one process.
 
-    python -m evaluation.benchmark_speed [--sizes 100 300 600] [--no-real] [--repeats 1]
+    python -m benchmarks.speed [--sizes 100 300 600] [--no-real] [--repeats 1]
         [--modes process folder] [--variants fast plain] [--no-predict-sh] [--work DIR]
         [--json FILE]
 
@@ -209,7 +209,7 @@ def run_child(variant, images, work, tag):
     """One measured process; returns its record with the parent's wall time added."""
     result = work / "results" / f"{tag}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "evaluation.benchmark_speed", "--child", variant,
+    command = [sys.executable, "-m", "benchmarks.speed", "--child", variant,
                "--output-dir", str(work / "outputs" / tag), "--result", str(result),
                *map(str, images)]
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2",

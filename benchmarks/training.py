@@ -1,7 +1,7 @@
 """Training speed on this machine: network steps per second per stage and precision, and the
 throughput of the augmentation pipeline alone (which must outpace the network).
 
-    PYTHONPATH=. .venv/bin/python -m training.benchmark [--steps 10] [--samples 20] [--no-network]
+    PYTHONPATH=. .venv/bin/python -m benchmarks.training [--steps 10] [--samples 20] [--no-network]
 
 The network step is the real one of training/train.py (loss, clipping, Adam, EMA) on a crop of the
 training size; its content does not change the arithmetic. The pipeline draws augmented samples

@@ -1,6 +1,6 @@
 """Demo: generate a sample CT, segment it with predict.sh as the organisers run it, print DSC.
 
-    python -m evaluation.demo [--folder demo] [--seed 7] [--size 512 512 200]
+    python -m demo [--folder demo-output] [--seed 7] [--size 512 512 200]
 
 The real CT in ../shared/data (when present) is segmented and scored as well.
 """
@@ -21,8 +21,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--folder", type=Path, default=ROOT / "demo", help="working folder")
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--folder", type=Path, default=ROOT / "demo-output", help="working folder")
     parser.add_argument("--seed", type=int, default=7, help="seed of the generated case")
     parser.add_argument("--size", type=int, nargs=3, default=(512, 512, 200),
                         metavar=("X", "Y", "Z"), help="voxels of the generated case")
