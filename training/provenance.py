@@ -11,9 +11,9 @@ are the last run's, and ``runs`` lists each one. With ``--extend``, the run fold
 continue the network that weights.json already records (its own run folders may be gone, e.g. on
 a fresh machine): they are appended to its chain. A network given no run folder keeps its recorded
 entry. Keeps any ``scores`` already in
-weights.json (release/score_weights.py --update writes them), its ``notes``, and per network
-the fields recorded by hand that the runs cannot tell (e.g. a learning-rate schedule across
-resumed runs).
+weights.json (release/score_weights.py --update writes them), the fields recorded by hand
+(``use_restrictions``, ``machines``, ``model_card``, ``notes``) and per network those the runs
+cannot tell (e.g. a learning-rate schedule across resumed runs).
 """
 
 import argparse
@@ -86,8 +86,8 @@ def run_summary(run):
 
 
 # Our weights: NOTICE. The published weights that release.import_weights converts are GPL-3.0.
-LICENSE = ("Apache-2.0 (trained by this project; no third-party weights); use also subject to the "
-           "terms of the training data (weights/MODEL_CARD.md)")
+# Restrictions from the training data's terms are recorded by hand (``use_restrictions``) and kept.
+LICENSE = "Apache-2.0"
 RUN_FIELDS = ("iterations", "training_wall_seconds", "generated_training_cases", "learning_rate",
               "precision")
 
@@ -125,7 +125,9 @@ def main(argv=None):
                              "keep the recorded entry")
     parser.add_argument("--extend", action="store_true",
                         help="the run folders continue the networks weights.json records")
-    parser.add_argument("--machine", default="2-core AMD EPYC CPU, no GPU")
+    parser.add_argument("--machine", default=None,
+                        help="where the given runs trained (a key of weights.json's machines, or "
+                             "a short description); recorded in each network entry written")
     args = parser.parse_args(argv)
     if not args.localization_run and not args.segmentation_run:
         parser.error("give --localization-run or --segmentation-run (or both)")
@@ -134,7 +136,6 @@ def main(argv=None):
     provenance = {
         "date": datetime.date.today().isoformat(),
         "license": LICENSE,
-        "machine": args.machine,
         "training_code": "training/train.py",
         "preprocessing": asdict(PreprocessingSettings()),
     }
@@ -152,7 +153,9 @@ def main(argv=None):
             parser.error(f"{network}: {error}")
         provenance[network] = {**{k: v for k, v in recorded.items() if k not in summary},
                                **summary}
-    for kept in ("notes", "scores"):
+        if args.machine:
+            provenance[network]["machine"] = args.machine
+    for kept in ("use_restrictions", "machines", "model_card", "notes", "scores"):
         if kept in previous:
             provenance[kept] = previous[kept]
     temporary = path.with_suffix(".json.partial")
