@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from release.shipping_rule import mean_of, organ_means
+from release.shipping_rule import mean_of, organ_means, report
 from release.shipping_rule import conditions as anatomy_rule_conditions
 
 REAL_CASES = ("ts_example", "ts_dicom")
@@ -115,12 +115,8 @@ def main(argv=None) -> int:
 
     base = load(*args.baseline)
     candidates = {name: load(scores, coverage) for name, scores, coverage in args.candidate}
-    for name, (scores, coverage) in candidates.items():
-        print(f"candidate {name}:")
-        for text, holds, numbers in conditions(*base, scores, coverage):
-            print(f"  {'PASS' if holds else 'FAIL'}  {text}: {numbers}")
-    chosen = choose(base, candidates)
-    print(f"ships: {chosen if chosen else 'nothing (no candidate passes)'}")
+    report({f"candidate {name}": conditions(*base, scores, coverage)
+            for name, (scores, coverage) in candidates.items()}, choose(base, candidates))
     return 0
 
 

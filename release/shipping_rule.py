@@ -92,6 +92,18 @@ def choose(base: dict, candidates: dict[str, dict]) -> str | None:
     return passing[0]
 
 
+def report(checked, chosen):
+    """Print each candidate's conditions, PASS or FAIL with their numbers, then what ships.
+
+    ``checked``: {title: [(text, holds, numbers), ...]}; ``chosen``: a candidate's name or None.
+    """
+    for title, results in checked.items():
+        print(f"{title}:")
+        for text, holds, numbers in results:
+            print(f"  {'PASS' if holds else 'FAIL'}  {text}: {numbers}")
+    print(f"ships: {chosen if chosen else 'nothing (no candidate passes)'}")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("baseline", type=Path, help="scores of the shipped weights")
@@ -112,12 +124,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     base = json.loads(args.baseline.read_text())
     candidates = {name: json.loads(path.read_text()) for name, path in args.candidates.items()}
-    for name, scores in candidates.items():
-        print(f"candidate {name} ({args.candidates[name]}):")
-        for text, holds, numbers in conditions(base, scores):
-            print(f"  {'PASS' if holds else 'FAIL'}  {text}: {numbers}")
-    chosen = choose(base, candidates)
-    print(f"ships: {chosen if chosen else 'nothing (no candidate passes)'}")
+    report({f"candidate {name} ({args.candidates[name]})": conditions(base, scores)
+            for name, scores in candidates.items()}, choose(base, candidates))
     return 0
 
 
