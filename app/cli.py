@@ -1,7 +1,8 @@
 """Command line: segment every CT in a folder with one loaded model.
 
     python -m app INPUT_DIR OUTPUT_DIR [--weights DIR] [--report FILE]
-                  [--output-format {nii.gz,nii,mha,mhd,nrrd,same}] [--replace-1mm-spacing]
+                  [--output-format {nii.gz,nii,mha,mhd,nrrd,same,dicom-seg}]
+                  [--replace-1mm-spacing]
                   [--skip-existing] [--overwrite] [--max-gib GIB] [--verbose] [--quiet]
 
 ``--weights DIR``: a weights folder (default: weights/), for example one written by
@@ -12,8 +13,11 @@ Inputs (app/io.py says exactly which files are cases): every ``.nii.gz``/``.nii`
 ``.mhd``/``.nrrd`` image and every subfolder holding one DICOM series in INPUT_DIR is a case,
 named by the FLARE rule where it follows it (``NAME_0000.nii.gz`` gives ``NAME.nii.gz`` in
 OUTPUT_DIR), written as ``NAME.nii.gz`` (``--output-format same``: in the input's own format;
-NIfTI for DICOM). Labels are uint8 on exactly the input's grid. Every other entry of INPUT_DIR
-is listed once, with the reason, as ``skipped: PATH: reason``.
+NIfTI for DICOM; ``--output-format dicom-seg``: ``NAME.dcm``, one DICOM Segmentation object
+referencing the series' slices, app/dicom_seg.py; a case that is no DICOM series then fails with
+that reason, since a SEG needs source slices to refer to). Labels are uint8 on exactly the
+input's grid. Every other entry of INPUT_DIR is listed once, with the reason, as
+``skipped: PATH: reason``.
 
 Each case prints one line: its result, or ``NAME: FAILED: FILE: reason`` on stderr, and the batch
 goes on; warnings (``NAME: warning: FILE: ...``) leave a result. Exit status: 0 all cases
@@ -61,7 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--output-format", choices=image_io.OUTPUT_FORMATS,
                         default=image_io.DEFAULT_OUTPUT_FORMAT,
                         help="format of the label files (default nii.gz; 'same': the input's "
-                             "format, nii.gz for DICOM)")
+                             "format, nii.gz for DICOM; 'dicom-seg': NAME.dcm, a DICOM "
+                             "Segmentation of a DICOM series input, other inputs fail)")
     assumed = "x".join(map(str, method.ASSUMED_SPACING_MM))
     parser.add_argument("--replace-1mm-spacing", action="store_true",
                         help="segment an image whose header spacing is exactly 1x1x1 mm as if it "
@@ -242,7 +247,7 @@ def check_paths(cases, skipped, output_dir, output_format, report, overwrite):
     checked = []
     for case in cases:
         output_path = case.output_path(output_dir, output_format)
-        problem = case.problem
+        problem = case.problem or seg_input_problem(case, output_format)
         for path in image_io.written_files(output_path):
             resolved = path.resolve()
             outputs[resolved] = path
@@ -304,7 +309,7 @@ def run(input_dir, output_dir, weights_dir=None, report=None, progress=True,
     for case in cases:
         output_path = case.output_path(output_dir, output_format)
         if skip_existing and not case.problem:
-            problem = image_io.existing_output_problem(case, output_path)
+            problem = existing_output_problem(case, output_path)
             if problem is None:
                 record = {"case": case.name, "input": str(case.path), "format": case.format,
                           "output": str(output_path), "skipped": "output exists and verifies"}
@@ -358,7 +363,7 @@ def run(input_dir, output_dir, weights_dir=None, report=None, progress=True,
             if image is not None:
                 try:
                     record.update(segment_one(predictor, image, output_path, read_start, case.name,
-                                              replace_1mm_spacing))
+                                              replace_1mm_spacing, case))
                 except Exception as error:
                     record["error"] = with_path(case, error)
             if index == 0:
@@ -380,8 +385,47 @@ def with_path(case, error):
     return text if text.startswith(str(case.path)) else f"{case.path}: {text}"
 
 
-def segment_one(predictor, image, output_path, read_start, name, replace_1mm_spacing=False):
-    """Segment one image and write its labels; returns the report fields."""
+def seg_input_problem(case, output_format):
+    """Why ``case`` cannot have a DICOM SEG output, or None."""
+    if output_format != image_io.DICOM_SEG or case.format == image_io.DICOM:
+        return None
+    return (f"{case.path}: --output-format dicom-seg needs a DICOM series input (a DICOM SEG "
+            f"refers to the source slices); this is a {case.format} file: use --output-format "
+            "nii.gz for it")
+
+
+def existing_output_problem(case, output_path):
+    """``image_io.existing_output_problem``, and for a DICOM SEG output its own check."""
+    if Path(output_path).suffix != ".dcm":
+        return image_io.existing_output_problem(case, output_path)
+    from app import dicom_seg
+
+    try:
+        with image_io.quiet_itk():
+            image, _ = image_io.read_dicom_series(case.path)
+    except image_io.InputError as error:
+        return f"the input cannot be read ({error})"
+    return dicom_seg.existing_seg_problem(output_path, image_io.dicom_series_files(case.path),
+                                          image)
+
+
+def write_output(labels, output_path, case, predictor):
+    """Write ``labels`` to ``output_path`` in the format its name says, atomically and verified;
+    a ``.dcm`` path is a DICOM SEG over ``case``'s series. Returns notes (may be empty)."""
+    if Path(output_path).suffix != ".dcm":
+        image_io.write_labels(labels, output_path)
+        return []
+    from app import dicom_seg
+
+    return dicom_seg.write_dicom_seg(labels, image_io.dicom_series_files(case.path), output_path,
+                                     getattr(predictor, "provenance", None),
+                                     getattr(predictor, "weights_dir", None))
+
+
+def segment_one(predictor, image, output_path, read_start, name, replace_1mm_spacing=False,
+                case=None):
+    """Segment one image and write its labels; returns the report fields. ``case``: the input
+    (needed for a DICOM SEG output, which refers to its slices)."""
     read_seconds = time.perf_counter() - read_start
     fields = {}
     source = image
@@ -398,7 +442,9 @@ def segment_one(predictor, image, output_path, read_start, name, replace_1mm_spa
     if source is not image:
         labels.CopyInformation(image)  # same voxels, the input's own header
     write_start = time.perf_counter()
-    image_io.write_labels(labels, output_path)
+    notes = write_output(labels, output_path, case, predictor)
+    if notes:
+        fields["output_notes"] = notes
     seconds = {"read": round(read_seconds, 3), **result.seconds,
                "write": round(time.perf_counter() - write_start, 3)}
     seconds["total"] = round(sum(seconds.values()), 3)

@@ -46,7 +46,9 @@ from app import method
 
 FLARE_SUFFIX = "_0000.nii.gz"
 FORMATS = ("nii.gz", "nii", "mha", "mhd", "nrrd")  # file formats read and written
-OUTPUT_FORMATS = (*FORMATS, "same")  # "same": the input's own format (NIfTI for DICOM input)
+DICOM_SEG = "dicom-seg"  # a DICOM Segmentation object NAME.dcm (app/dicom_seg.py), DICOM input only
+# "same": the input's own format (NIfTI for DICOM input)
+OUTPUT_FORMATS = (*FORMATS, "same", DICOM_SEG)
 DEFAULT_OUTPUT_FORMAT = "nii.gz"
 DICOM = "dicom"
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -82,10 +84,13 @@ class Case:
     problem: str | None = None
 
     def output_path(self, output_dir, output_format=DEFAULT_OUTPUT_FORMAT):
-        """Where the labels go: ``NAME.nii.gz``, or ``NAME.<format>`` (see ``OUTPUT_FORMATS``)."""
+        """Where the labels go: ``NAME.nii.gz``, or ``NAME.<format>`` (see ``OUTPUT_FORMATS``;
+        ``NAME.dcm`` for a DICOM SEG)."""
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output format {output_format!r} is not one of "
                              f"{', '.join(OUTPUT_FORMATS)}")
+        if output_format == DICOM_SEG:
+            return Path(output_dir) / f"{self.name}.dcm"
         if output_format == "same":
             output_format = self.format if self.format in FORMATS else DEFAULT_OUTPUT_FORMAT
         return Path(output_dir) / f"{self.name}.{output_format}"
@@ -844,12 +849,11 @@ class quiet_itk:
         sitk.ProcessObject.SetGlobalWarningDisplay(self.before)
 
 
-def read_dicom_series(folder, max_bytes=None):
-    """The one DICOM series in ``folder``: (image, warnings). Slices sorted by position (GDCM).
+def dicom_series_files(folder):
+    """The files of the one DICOM series in ``folder``, sorted by slice position (GDCM).
 
-    Refused: no series, several series (their IDs are named), a file that looks like DICOM but is
-    not part of the series (GDCM skips unreadable files silently: truncated?), unevenly spaced
-    slices (missing or duplicate slices). Warned: a modality other than CT.
+    Refused (``InputError``): no series, several series (their IDs are named), a file that looks
+    like DICOM but is not part of the series (GDCM skips unreadable files silently: truncated?).
     """
     folder = Path(folder)
     reader = sitk.ImageSeriesReader()
@@ -871,6 +875,44 @@ def read_dicom_series(folder, max_bytes=None):
         raise InputError(f"{folder}: {len(strays)} DICOM file(s) could not be read with the series "
                          f"(truncated or corrupt?): {', '.join(strays[:5])}"
                          + (" ..." if len(strays) > 5 else ""))
+    return list(files)
+
+
+def sort_dicom_files(files, folder):
+    """``files`` of one series sorted as GDCM sorts a folder's series: by ImagePositionPatient
+    along the slice normal (the cross product of ImageOrientationPatient's row and column
+    directions), ascending. Files without a position keep their order (by name)."""
+    keyed = []
+    for name in sorted(str(f) for f in files):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            with quiet_itk():
+                reader.ReadImageInformation()
+            position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+            cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+        except (RuntimeError, ValueError):
+            return sorted(str(f) for f in files)
+        keyed.append((float(np.dot(np.cross(cosines[:3], cosines[3:6]), position)), name))
+    if not keyed:
+        raise InputError(f"{folder}: no DICOM files in the series")
+    return [name for _, name in sorted(keyed)]
+
+
+def read_dicom_series(folder, max_bytes=None, files=None):
+    """The one DICOM series in ``folder``: (image, warnings). Slices sorted by position (GDCM).
+
+    ``files``: the series' files, already found (a series that shares its folder with others, as
+    archives export them); default ``dicom_series_files(folder)``. Refused: what
+    ``dicom_series_files`` refuses, unevenly spaced slices (missing or duplicate slices). Warned:
+    a modality other than CT.
+    """
+    folder = Path(folder)
+    if files is None:
+        files = dicom_series_files(folder)
+    else:
+        files = sort_dicom_files(files, folder)
+    reader = sitk.ImageSeriesReader()
     first = sitk.ImageFileReader()
     first.SetFileName(files[0])
     try:
