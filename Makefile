@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast lint clean-venv
+.PHONY: demo cohort test test-fast lint clean-venv
 
 # The project itself is installed in place (no dependencies: requirements.txt pins them), for the
 # console scripts predict, evaluate, trace, train and synthetic in .venv/bin (pyproject.toml).
@@ -14,13 +14,21 @@ $(VENV)/installed: requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --editable .
 	touch $@
 
+# The cohort command's packages (Ray, pyarrow; python -m cohort, docs/cohort.md). The tests use
+# them too, so `make test` installs them.
+$(VENV)/cohort-installed: $(VENV)/installed requirements-cohort.txt constraints.txt
+	$(PY) -m pip install --quiet --requirement requirements-cohort.txt
+	touch $@
+
+cohort: $(VENV)/cohort-installed
+
 demo: $(VENV)/installed
 	$(PY) -m demo
 
-test: $(VENV)/installed
+test: $(VENV)/installed $(VENV)/cohort-installed
 	$(PY) -m pytest -q tests
 
-test-fast: $(VENV)/installed
+test-fast: $(VENV)/installed $(VENV)/cohort-installed
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: $(VENV)/installed

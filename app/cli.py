@@ -409,15 +409,17 @@ def existing_output_problem(case, output_path):
                                           image)
 
 
-def write_output(labels, output_path, case, predictor):
+def write_output(labels, output_path, case, predictor, source_files=None):
     """Write ``labels`` to ``output_path`` in the format its name says, atomically and verified;
-    a ``.dcm`` path is a DICOM SEG over ``case``'s series. Returns notes (may be empty)."""
+    a ``.dcm`` path is a DICOM SEG over ``case``'s series (``source_files``, default the one
+    series of its folder). Returns notes (may be empty)."""
     if Path(output_path).suffix != ".dcm":
         image_io.write_labels(labels, output_path)
         return []
     from app import dicom_seg
 
-    return dicom_seg.write_dicom_seg(labels, image_io.dicom_series_files(case.path), output_path,
+    files = source_files or image_io.dicom_series_files(case.path)
+    return dicom_seg.write_dicom_seg(labels, files, output_path,
                                      getattr(predictor, "provenance", None),
                                      getattr(predictor, "weights_dir", None))
 

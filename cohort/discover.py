@@ -1,0 +1,188 @@
+"""Finding the cases of a cohort: every image app.io reads, anywhere under the input folder, and
+DICOM trees as a PACS exports them (nested folders, several series per study and per folder,
+non-image objects beside the images).
+
+One case per image file (app.io's formats and FLARE naming, folder by folder) and one per CT
+series (SeriesInstanceUID). Everything else that looks like DICOM is listed with the reason it is
+not a case: another modality, a localizer (scout), a dose report or other non-image object, a
+series of one slice, a file pydicom cannot read.
+"""
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app import io as image_io
+
+# DICOM attributes read for discovery and for the cohort table (headers only, no pixels)
+HEADER_TAGS = ("SOPClassUID", "Modality", "ImageType", "SeriesInstanceUID", "StudyInstanceUID",
+               "PatientID", "SeriesNumber", "SeriesDescription", "Manufacturer",
+               "ManufacturerModelName", "SliceThickness", "ContrastBolusAgent", "Rows",
+               "ImagePositionPatient", "FrameOfReferenceUID", "StudyDate")
+IMAGE_STORAGE_CLASSES = {  # SOP classes whose instances are CT images ITK reads as a volume
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+}
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class CohortCase:
+    """One case: its unique name (output NAME.nii.gz / NAME.dcm), where it is, and how a rerun
+    recognises it (``identity``).
+
+    ``files``: the series' files for a DICOM case (any folders), else empty. ``header``: DICOM
+    attributes for the cohort table (IDs, scanner, series description, slice thickness).
+    """
+
+    name: str
+    path: Path
+    format: str
+    identity: str
+    files: tuple = ()
+    header: dict = field(default_factory=dict)
+    problem: str | None = None
+
+    def app_case(self):
+        """The ``app.io.Case`` of a file case (a DICOM case is read from ``files``)."""
+        return image_io.Case(self.name, self.path, self.format, self.problem)
+
+
+def file_identity(path):
+    """path + size + mtime: a file replaced or changed is a new input for a rerun."""
+    stat = Path(path).stat()
+    return f"file:{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def safe_name(text):
+    return SAFE_NAME.sub("_", text).strip("._") or "case"
+
+
+def read_header(path):
+    """The discovery attributes of a DICOM file as a dict, or raise ``InputError``."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=[
+            *HEADER_TAGS, "PixelData"])
+    except Exception as error:  # pydicom raises several kinds for a broken file
+        raise image_io.InputError(f"{path}: not a readable DICOM file ({error})") from None
+    header = {}
+    for tag in HEADER_TAGS:
+        value = dataset.get(tag)
+        if value is None or value == "":
+            continue
+        if tag == "ImageType" or tag == "ImagePositionPatient":
+            value = [str(v) for v in value]
+        elif tag in ("SeriesNumber", "Rows"):
+            value = int(value)
+        elif tag == "SliceThickness":
+            value = float(value)
+        else:
+            value = str(value)
+        header[tag] = value
+    if not header.get("SOPClassUID"):
+        meta = getattr(dataset, "file_meta", None)
+        if meta is not None and meta.get("MediaStorageSOPClassUID"):
+            header["SOPClassUID"] = str(meta.MediaStorageSOPClassUID)
+    return header
+
+
+def not_a_ct_series(header, count):
+    """Why a series (its first file's ``header``, ``count`` files) is not a case, or None."""
+    from pydicom.uid import UID
+
+    modality = header.get("Modality", "")
+    sop_class = header.get("SOPClassUID", "")
+    if sop_class and sop_class not in IMAGE_STORAGE_CLASSES:
+        kind = UID(sop_class).name if UID(sop_class).is_valid else sop_class
+        what = "a dose report" if "Dose" in kind else "not a CT image"
+        return f"{what} ({kind}, modality {modality or 'unknown'})"
+    if modality and modality != "CT":
+        return f"modality {modality}, not CT"
+    image_type = [v.upper() for v in header.get("ImageType", [])]
+    if "LOCALIZER" in image_type:
+        return "a localizer (scout) image, not a volume"
+    if count < 2:
+        return "a single slice, not a volume"
+    return None
+
+
+def walk(input_dir):
+    """(folder, visible file names, visible subfolders) for every folder under ``input_dir``."""
+    for folder, subfolders, files in os.walk(input_dir):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        yield Path(folder), sorted(f for f in files if not f.startswith(".")), subfolders
+
+
+def discover(input_dir):
+    """(cases, skipped): every case under ``input_dir`` (``CohortCase``, sorted by name) and
+    every other visible file as ``app.io.Skipped`` with its reason.
+
+    Names: FLARE names as the folder command gives them, prefixed by the subfolder's path
+    (``sub__NAME``) below the top; a CT series is named ``PATIENT_SERIESNUMBER_UIDTAIL`` from its
+    header (or its folder's path when it has no UIDs).
+    """
+    input_dir = image_io.check_input_folder(input_dir)
+    cases, skipped, series = [], [], {}  # series: key -> [(file, header)]
+    for folder, files, _ in walk(input_dir):
+        relative = folder.relative_to(input_dir)
+        prefix = "__".join(relative.parts)
+        folder_cases, folder_skipped = image_io.survey(folder)
+        for case in folder_cases:
+            if case.format == image_io.DICOM:
+                continue  # DICOM files are grouped by series below, wherever they lie
+            name = safe_name(f"{prefix}__{case.name}" if prefix else case.name)
+            cases.append(CohortCase(name, case.path, case.format, file_identity(case.path),
+                                    problem=case.problem))
+        skipped.extend(item for item in folder_skipped if not item.path.is_dir())
+        for name in files:
+            path = folder / name
+            if image_io.image_format(name) or not path.is_file():
+                continue
+            if not image_io.looks_like_dicom(path):
+                continue
+            try:
+                header = read_header(path)
+            except image_io.InputError as error:
+                skipped.append(image_io.Skipped(path, str(error).split(": ", 1)[1]))
+                continue
+            uid = header.get("SeriesInstanceUID")
+            key = ("uid", uid) if uid else ("folder", str(folder))
+            series.setdefault(key, []).append((path, header))
+    for (kind, key), members in sorted(series.items()):
+        header = members[0][1]
+        reason = not_a_ct_series(header, len(members))
+        if reason:
+            skipped.extend(image_io.Skipped(path, reason) for path, _ in members)
+            continue
+        files = tuple(sorted(str(path) for path, _ in members))
+        folder = Path(os.path.commonpath([str(Path(f).parent) for f in files]))
+        if kind == "uid":
+            identity = f"dicom:{key}"
+            name = "_".join(str(part) for part in (
+                header.get("PatientID") or "patient", header.get("SeriesNumber", "series"),
+                key.rsplit(".", 1)[-1]))
+        else:  # an anonymised series without UIDs: its folder and files
+            stats = [Path(f).stat() for f in files]
+            identity = (f"dicom-folder:{folder.resolve()}:{len(files)}:"
+                        f"{sum(s.st_size for s in stats)}:{max(s.st_mtime_ns for s in stats)}")
+            name = "__".join(folder.relative_to(input_dir).parts) or input_dir.resolve().name
+        cases.append(CohortCase(safe_name(name), folder, image_io.DICOM, identity, files,
+                                {k: header[k] for k in HEADER_TAGS if k in header}))
+    return unique_names(cases), sorted(skipped, key=lambda item: str(item.path))
+
+
+def unique_names(cases):
+    """Cases sorted by name; a name shared by several gets ``-2``, ``-3``, ... in path order."""
+    by_name = {}
+    for case in sorted(cases, key=lambda c: (c.name, str(c.path), c.identity)):
+        by_name.setdefault(case.name, []).append(case)
+    named = []
+    for name, group in by_name.items():
+        for number, case in enumerate(group, start=1):
+            named.append(case if number == 1 else
+                         CohortCase(f"{name}-{number}", case.path, case.format, case.identity,
+                                    case.files, case.header, case.problem))
+    return sorted(named, key=lambda c: c.name)

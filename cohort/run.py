@@ -1,0 +1,262 @@
+"""The cohort driver: discover cases, skip those done before, segment the rest on Ray actors,
+record every case in the manifest, write the cohort table.
+
+Why Ray actors (not Ray Data's map_batches): a case is one large volume, not a row; each actor
+keeps its Predictor for every case it gets, reads its next case while segmenting the current
+one, writes the outputs itself (no label image travels through the object store), and one case
+is one actor task, so a worker's death costs exactly that case, which Ray retries
+(``max_task_retries``) on the restarted actor (``max_restarts``). The driver alone writes the
+manifest, so it needs no locking.
+"""
+
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from app import io as image_io
+from cohort import table as cohort_table
+from cohort.discover import discover
+from cohort.manifest import Manifest
+from cohort.worker import LABELS_FOLDER, Segmenter, attempts_logged, output_paths
+
+ROOT = Path(__file__).resolve().parent.parent  # holds app/ and cohort/: the workers' import path
+# tries per case when its worker dies (Ray retries the task MAX_ATTEMPTS - 1 times)
+MAX_ATTEMPTS = 3
+LOCAL_OBJECT_STORE_BYTES = 200 * 2**20  # --ray local: cases never travel through it
+WAIT_SECONDS = 30.0  # a progress line at least this often while cases run
+
+
+def connect(address, local_cpus=None):
+    """Join a Ray cluster: ``local`` starts one on this machine, ``auto`` finds a running one
+    (``ray start`` / KubeRay / a Slurm script), anything else is its address."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    runtime_env = {"env_vars": {"PYTHONPATH": python_path, "TF_CPP_MIN_LOG_LEVEL": "2"}}
+    options = {"runtime_env": runtime_env, "log_to_driver": False, "logging_level": "WARNING"}
+    if address == "local":
+        ray.init(num_cpus=local_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 include_dashboard=False, **options)
+    else:
+        ray.init(address=address, **options)
+    return ray
+
+
+def output_problem(case, paths):
+    """None if every output of ``case`` exists, reads whole and lies on the input's grid; else
+    why not."""
+    from app import dicom_seg
+
+    image = None
+    for fmt, path in paths.items():
+        if case.format != image_io.DICOM and fmt != image_io.DICOM_SEG:
+            problem = image_io.existing_output_problem(case.app_case(), path)
+        else:
+            if not Path(path).is_file():
+                return f"{Path(path).name} missing"
+            if image is None:
+                try:
+                    with image_io.quiet_itk():
+                        image, _ = image_io.read_dicom_series(case.path, files=list(case.files))
+                except image_io.InputError as error:
+                    return f"the input cannot be read ({error})"
+            if fmt == image_io.DICOM_SEG:
+                problem = dicom_seg.existing_seg_problem(path, list(case.files), image)
+            else:
+                problem = labels_file_problem(path, image)
+        if problem:
+            return f"{Path(path).name}: {problem}"
+    return None
+
+
+def labels_file_problem(path, grid):
+    """None if ``path`` reads whole as uint8 labels on ``grid``'s geometry, else why not."""
+    import SimpleITK as sitk
+
+    try:
+        image_io.check_complete(path, image_io.image_format(Path(path).name))
+        with image_io.quiet_itk():
+            labels = sitk.ReadImage(str(path))
+    except (image_io.InputError, RuntimeError) as error:
+        return f"unreadable ({error})"
+    if labels.GetPixelID() != sitk.sitkUInt8:
+        return "not uint8 labels"
+    difference = image_io.grid_difference(labels, grid)
+    return f"on another grid: {difference}" if difference else None
+
+
+def duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """One line per finished case: counts, this run's rate and the estimated time left."""
+
+    def __init__(self, total, stream=sys.stdout):
+        self.total, self.finished, self.stream = total, 0, stream
+        self.start = time.perf_counter()
+
+    def line(self, name, text):
+        self.finished += 1
+        elapsed = time.perf_counter() - self.start
+        rate = self.finished / elapsed if elapsed > 0 else 0.0
+        eta = duration((self.total - self.finished) / rate) if rate else "?"
+        print(f"[{self.finished}/{self.total}] {name}: {text} | {rate * 3600:.0f} cases/h | "
+              f"ETA {eta}", file=self.stream, flush=True)
+
+
+def plan(cases, manifest, output_dir, output_format):
+    """(to do, kept): the cases to segment, and those whose manifest row says done for this very
+    input and whose outputs exist and verify."""
+    todo, kept = [], []
+    for case in cases:
+        entry = manifest.get(case.name)
+        paths = {fmt: str(p) for fmt, p in output_paths(case, output_dir, output_format).items()}
+        if entry and entry["status"] == "done" and entry["identity"] == case.identity \
+                and entry["outputs"] == paths:
+            problem = output_problem(case, paths)
+            if problem is None:
+                kept.append(case)
+                continue
+            print(f"{case.name}: segmented again: {problem}", file=sys.stderr)
+        todo.append(case)
+    return todo, kept
+
+
+def run(input_dir, output_dir, ray_address="local", cpus_per_worker=1.0, gpus_per_worker=None,
+        workers=None, weights_dir=None, output_format="nii.gz", local_cpus=None):
+    """Segment every case under ``input_dir`` into ``output_dir``; returns the manifest's rows.
+
+    Raises FileNotFoundError / NotADirectoryError / PermissionError / ValueError before any
+    work (no case, output not writable, weights missing).
+    """
+    output_dir = Path(output_dir)
+    cases, skipped = discover(input_dir)
+    for item in skipped:
+        print(f"skipped: {item.path}: {item.reason}", file=sys.stderr)
+    if not cases:
+        raise FileNotFoundError(f"{input_dir}: no case found (no image file and no CT series)")
+    image_io.check_writable(output_dir / LABELS_FOLDER)
+    check_weights(weights_dir)
+    for folder in (output_dir, output_dir / LABELS_FOLDER):
+        removed = image_io.remove_stale_partials(folder)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) of an interrupted run from {folder}",
+                  file=sys.stderr)
+    manifest = Manifest(output_dir)
+    try:
+        todo, kept = plan(cases, manifest, output_dir, output_format)
+        print(f"{len(cases)} cases ({len(kept)} done before, kept), {len(todo)} to segment; "
+              f"{len(skipped)} files skipped", file=sys.stderr, flush=True)
+        if todo:
+            segment_all(todo, manifest, output_dir, output_format, ray_address, cpus_per_worker,
+                        gpus_per_worker, workers, weights_dir, local_cpus)
+        rows = [row for row in manifest.rows() if row["name"] in {c.name for c in cases}]
+        headers = {case.name: case.header for case in cases}
+        cohort_table.write(rows, headers, output_dir)
+        return rows, kept, skipped
+    finally:
+        manifest.close()
+
+
+def check_weights(weights_dir):
+    """Refuse (FileNotFoundError/ValueError) a weights folder the workers could not load, before
+    any worker starts."""
+    from app import predictor
+
+    folder = Path(weights_dir) if weights_dir else predictor.DEFAULT_WEIGHTS_DIR
+    for name in (predictor.LOCALIZATION_WEIGHTS, predictor.SEGMENTATION_WEIGHTS):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name}: weights file missing")
+    predictor.read_settings(folder)
+
+
+def start_workers(ray, count, cpus_per_worker, gpus_per_worker, weights_dir, output_dir,
+                  output_format):
+    """``count`` Segmenter actors, each with its Predictor loaded; restarted without limit when
+    their process dies, each task retried ``MAX_ATTEMPTS - 1`` times."""
+    actor = ray.remote(Segmenter).options(
+        num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or 0, max_restarts=-1,
+        max_task_retries=MAX_ATTEMPTS - 1)
+    weights = str(Path(weights_dir).resolve()) if weights_dir else None
+    actors = [actor.remote(weights, str(output_dir.resolve()), output_format)
+              for _ in range(count)]
+    ray.get([a.ping.remote() for a in actors])  # raises here if a Predictor cannot load
+    return actors
+
+
+def segment_all(todo, manifest, output_dir, output_format, ray_address, cpus_per_worker,
+                gpus_per_worker, workers, weights_dir, local_cpus):
+    """Segment ``todo`` on Ray actors, recording each case in ``manifest`` as it finishes."""
+    ray = connect(ray_address, local_cpus)
+    try:
+        resources = ray.cluster_resources()
+        if gpus_per_worker is None:  # GPU workers where the cluster has GPUs
+            gpus_per_worker = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        if workers is None:
+            workers = (int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker
+                       else int(resources.get("CPU", 1) // cpus_per_worker))
+        workers = max(1, min(workers, len(todo)))
+        device = f", {gpus_per_worker:g} GPU" if gpus_per_worker else ""
+        print(f"starting {workers} worker(s) ({cpus_per_worker:g} CPU{device} each) on a Ray "
+              f"cluster of {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs",
+              file=sys.stderr, flush=True)
+        actors = start_workers(ray, workers, cpus_per_worker, gpus_per_worker, weights_dir,
+                               output_dir, output_format)
+        for case in todo:
+            entry = manifest.get(case.name)
+            manifest.put(case, "running", attempts=entry["attempts"] if entry else 0)
+        dispatch(ray, actors, todo, manifest, output_dir)
+    finally:
+        ray.shutdown()
+
+
+def dispatch(ray, actors, todo, manifest, output_dir):
+    """Keep every actor busy: each gets one case and, as a hint, the next one it will get (it
+    reads that one while segmenting)."""
+    queue, upcoming, running = deque(todo), {}, {}
+    progress = Progress(len(todo))
+
+    def submit(actor):
+        case = upcoming.pop(actor, None) or (queue.popleft() if queue else None)
+        if case is None:
+            return
+        upcoming[actor] = queue.popleft() if queue else None
+        if upcoming[actor] is None:
+            del upcoming[actor]
+        running[actor.segment.remote(case, upcoming.get(actor))] = (actor, case)
+
+    for actor in actors:
+        submit(actor)
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_SECONDS)
+        if not ready:
+            print(f"... {len(running)} case(s) running, {progress.finished}/{progress.total} "
+                  "finished", file=sys.stderr, flush=True)
+            continue
+        for ref in ready:
+            actor, case = running.pop(ref)
+            try:
+                record = ray.get(ref)
+            except ray.exceptions.RayError as error:  # its worker died every time
+                attempts = attempts_logged(output_dir, case.name)
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                record = {"status": "failed",
+                          "error": f"{case.path}: its worker died {attempts} time(s) while "
+                                   f"segmenting it (Ray gave up after {MAX_ATTEMPTS} attempts; "
+                                   f"{type(error).__name__}: {first[:200]})"}
+            attempts = attempts_logged(output_dir, case.name)
+            outputs = record.pop("outputs", {})
+            manifest.put(case, record["status"], outputs, record.get("error"), attempts, record)
+            if record["status"] == "done":
+                text = f"done in {record['seconds']['total']:.1f} s"
+                if attempts > 1:
+                    text += f" (attempt {attempts})"
+            else:
+                text = f"FAILED: {record['error']}"
+            progress.line(case.name, text)
+            submit(actor)
