@@ -10,6 +10,7 @@ series of one slice, a file pydicom cannot read.
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,8 +65,10 @@ def read_header(path):
     import pydicom
 
     try:
-        dataset = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=[
-            *HEADER_TAGS, "PixelData"])
+        with warnings.catch_warnings():  # pydicom's guesses about a broken file: ours says it
+            warnings.simplefilter("ignore")
+            dataset = pydicom.dcmread(str(path), stop_before_pixels=True,
+                                      specific_tags=list(HEADER_TAGS))
     except Exception as error:  # pydicom raises several kinds for a broken file
         raise image_io.InputError(f"{path}: not a readable DICOM file ({error})") from None
     header = {}
@@ -86,6 +89,10 @@ def read_header(path):
         meta = getattr(dataset, "file_meta", None)
         if meta is not None and meta.get("MediaStorageSOPClassUID"):
             header["SOPClassUID"] = str(meta.MediaStorageSOPClassUID)
+    if not any(header.get(tag) for tag in ("SOPClassUID", "Modality", "SeriesInstanceUID",
+                                           "Rows")):
+        raise image_io.InputError(f"{path}: not a readable DICOM file (no SOP class, modality, "
+                                  "series UID or image size in it: corrupt?)")
     return header
 
 
@@ -97,8 +104,11 @@ def not_a_ct_series(header, count):
     sop_class = header.get("SOPClassUID", "")
     if sop_class and sop_class not in IMAGE_STORAGE_CLASSES:
         kind = UID(sop_class).name if UID(sop_class).is_valid else sop_class
-        what = "a dose report" if "Dose" in kind else "not a CT image"
-        return f"{what} ({kind}, modality {modality or 'unknown'})"
+        if "Dose" in kind:
+            return f"a dose report ({kind})"
+        if modality and modality != "CT":
+            return f"modality {modality}, not CT ({kind})"
+        return f"not a CT image ({kind})"
     if modality and modality != "CT":
         return f"modality {modality}, not CT"
     image_type = [v.upper() for v in header.get("ImageType", [])]
@@ -110,8 +120,15 @@ def not_a_ct_series(header, count):
 
 
 def walk(input_dir):
-    """(folder, visible file names, visible subfolders) for every folder under ``input_dir``."""
-    for folder, subfolders, files in os.walk(input_dir):
+    """(folder, visible file names, visible subfolders) for every folder under ``input_dir``,
+    following symbolic links to folders (each real folder once, so a link loop ends)."""
+    seen = set()
+    for folder, subfolders, files in os.walk(input_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         yield Path(folder), sorted(f for f in files if not f.startswith(".")), subfolders
 

@@ -166,11 +166,23 @@ class Segmenter:
             record = {"status": "failed", "error": reason}
             log_line(self.output_dir, case, f"failed: {reason}")
             log_line(self.output_dir, case, "".join(traceback.format_exception(error)).rstrip())
-        record["host"], record["pid"] = socket.gethostname(), os.getpid()
+        record["host"], record["node"], record["pid"] = socket.gethostname(), node(), os.getpid()
         return record
 
     def ping(self):
         return os.getpid()
+
+
+def node():
+    """The Ray node's address this worker runs on (its host name outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return socket.gethostname()
 
 
 def error_line(case, error):
