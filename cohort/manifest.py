@@ -53,6 +53,19 @@ class Manifest:
                  json.dumps(outputs or {}), error, attempts, json.dumps(record or {}),
                  time.time()))
 
+    def mark_running(self, cases):
+        """Mark ``cases`` running (in one transaction), keeping their earlier attempts; a driver
+        killed now leaves them so, and a rerun segments them again."""
+        with self.connection:
+            for case in cases:
+                row = self.connection.execute("SELECT attempts FROM cases WHERE name = ?",
+                                              (case.name,)).fetchone()
+                self.connection.execute(
+                    f"INSERT OR REPLACE INTO cases ({', '.join(COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(COLUMNS))})",
+                    (case.name, case.identity, str(case.path), case.format, "running", "{}",
+                     None, row[0] if row else 0, "{}", time.time()))
+
     @staticmethod
     def _as_dict(row):
         entry = dict(zip(COLUMNS, row))

@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent  # holds app/ and cohort/: the wor
 # tries per case when its worker dies (Ray retries the task MAX_ATTEMPTS - 1 times)
 MAX_ATTEMPTS = 3
 LOCAL_OBJECT_STORE_BYTES = 200 * 2**20  # --ray local: cases never travel through it
+# A local cluster listens on a loopback address only. Not 127.0.0.1: Ray replaces that one with
+# the machine's network address (ray._private.services.resolve_ip_for_localhost).
+LOCAL_NODE_IP = "127.0.0.2"
 WAIT_SECONDS = 30.0  # a progress line at least this often while cases run
 
 
@@ -37,9 +40,10 @@ def connect(address, local_cpus=None):
     python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     runtime_env = {"env_vars": {"PYTHONPATH": python_path, "TF_CPP_MIN_LOG_LEVEL": "2"}}
     options = {"runtime_env": runtime_env, "log_to_driver": False, "logging_level": "WARNING"}
-    if address == "local":
-        ray.init(num_cpus=local_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                 include_dashboard=False, **options)
+    if address == "local":  # "local": a new cluster, never one found in /tmp/ray or RAY_ADDRESS
+        ray.init(address="local", num_cpus=local_cpus,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
+                 _node_ip_address=LOCAL_NODE_IP, **options)
     else:
         ray.init(address=address, **options)
     return ray
@@ -207,9 +211,7 @@ def segment_all(todo, manifest, output_dir, output_format, ray_address, cpus_per
               file=sys.stderr, flush=True)
         actors = start_workers(ray, workers, cpus_per_worker, gpus_per_worker, weights_dir,
                                output_dir, output_format)
-        for case in todo:
-            entry = manifest.get(case.name)
-            manifest.put(case, "running", attempts=entry["attempts"] if entry else 0)
+        manifest.mark_running(todo)
         dispatch(ray, actors, todo, manifest, output_dir)
     finally:
         ray.shutdown()

@@ -21,7 +21,7 @@ DICOM_COLUMNS = {"patient_id": "PatientID", "study_uid": "StudyInstanceUID",
                  "series_description": "SeriesDescription", "manufacturer": "Manufacturer",
                  "scanner_model": "ManufacturerModelName", "study_date": "StudyDate",
                  "slice_thickness_mm": "SliceThickness", "contrast_agent": "ContrastBolusAgent"}
-STAGES = ("read", "orientation", "localization_preprocessing", "localization_warm_up",
+STAGES = ("read", "read_wait", "orientation", "localization_preprocessing", "localization_warm_up",
           "localization_network", "segmentation_preprocessing", "segmentation_warm_up",
           "segmentation_network", "resampling_back", "write", "total")  # app/predictor.py's
 FILES = ("cohort.csv", "cohort.parquet", "cohort.png")

@@ -95,9 +95,13 @@ def organ_hu(image, labels):
     return result
 
 
-def segment_case(predictor, case, image, warnings, output_dir, output_format, read_seconds):
+def segment_case(predictor, case, image, warnings, output_dir, output_format, read_seconds,
+                 read_wait_seconds=None):
     """Segment one read case and write its outputs; returns the manifest record (measurements
-    for the cohort table included)."""
+    for the cohort table included). ``read_wait_seconds``: how long the worker waited for the
+    read (less than ``read_seconds`` when it overlapped the last case; default all of it)."""
+    if read_wait_seconds is None:
+        read_wait_seconds = read_seconds
     start = time.perf_counter()
     result, device = cli.predict_with_cpu_fallback(predictor, image, case.name)
     predict_seconds = time.perf_counter() - start
@@ -107,9 +111,10 @@ def segment_case(predictor, case, image, warnings, output_dir, output_format, re
         notes += cli.write_output(result.labels, path, case, predictor,
                                   source_files=list(case.files) or None)
         outputs[fmt] = str(path)
-    seconds = {"read": round(read_seconds, 3), **result.seconds,
-               "write": round(time.perf_counter() - write_start, 3)}
-    seconds["total"] = round(read_seconds + predict_seconds + seconds["write"], 3)
+    seconds = {"read": round(read_seconds, 3), "read_wait": round(read_wait_seconds, 3),
+               **result.seconds, "write": round(time.perf_counter() - write_start, 3)}
+    # the case's time on its worker: what reading did not overlap, predicting, writing
+    seconds["total"] = round(read_wait_seconds + predict_seconds + seconds["write"], 3)
     hu = organ_hu(image, result.labels)
     return {
         "status": "done", "outputs": outputs, "warnings": warnings + notes,
@@ -155,10 +160,8 @@ class Segmenter:
         start = time.perf_counter()
         try:
             image, warnings, read_seconds = pending.result()
-            # time spent waiting for the read; the part that overlapped the last case is free
             record = segment_case(self.predictor, case, image, warnings, self.output_dir,
-                                  self.output_format, max(read_seconds,
-                                                          time.perf_counter() - start))
+                                  self.output_format, read_seconds, time.perf_counter() - start)
             del image
             log_line(self.output_dir, case, f"finished in {record['seconds']['total']:.1f} s")
         except Exception as error:  # one bad case must not stop the worker
