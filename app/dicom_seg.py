@@ -35,6 +35,7 @@ ORGAN_CODES = {1: "Liver", 2: "Kidney", 3: "Spleen", 4: "Pancreas"}  # pydicom's
 # empty); exports that leave them out get them empty.
 TYPE_2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                  "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+SERIES_NUMBER_OFFSET = 9000  # the SEG's series number: the source's plus this, listed beside it
 POSITION_TOLERANCE = 0.01  # of a voxel: a slice position must fall on a slice of the labels' grid
 ORIENTATION_TOLERANCE = 1e-4  # of the cosines: ImageOrientationPatient is stored as text
 
@@ -184,13 +185,13 @@ def segmentation(labels, datasets, algorithm):
         renumber[label] = number
     slices = frame_slices(labels, datasets)
     frames = renumber[array[slices]]  # frame i: the slice of datasets[i], as segment numbers
-    first = datasets[0]
+    series_number = SERIES_NUMBER_OFFSET + int(datasets[0].get("SeriesNumber") or 0)
     return hd.seg.Segmentation(
         source_images=datasets, pixel_array=frames,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(present, algorithm),
-        series_instance_uid=generate_uid(), series_number=int(first.get("SeriesNumber") or 0)
-        + 9000, sop_instance_uid=generate_uid(), instance_number=1,
+        series_instance_uid=generate_uid(), series_number=series_number,
+        sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer=MANUFACTURER, manufacturer_model_name=ALGORITHM_NAME,
         software_versions=project_version(), device_serial_number="none",
         series_description=f"{ALGORITHM_NAME} organs"[:64],

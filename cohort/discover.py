@@ -2,10 +2,11 @@
 DICOM trees as a PACS exports them (nested folders, several series per study and per folder,
 non-image objects beside the images).
 
-One case per image file (app.io's formats and FLARE naming, folder by folder) and one per CT
-series (SeriesInstanceUID). Everything else that looks like DICOM is listed with the reason it is
-not a case: another modality, a localizer (scout), a dose report or other non-image object, a
-series of one slice, a file pydicom cannot read.
+One case per image file (app.io's formats and FLARE naming, folder by folder; files in label
+folders, ``LABEL_FOLDERS``, are not cases) and one per CT series (SeriesInstanceUID). Everything
+else that looks like DICOM is listed with the reason it is not a case: another modality, a
+localizer (scout), a dose report or other non-image object, a series of one slice, a file
+pydicom cannot read.
 """
 
 import os
@@ -26,6 +27,8 @@ IMAGE_STORAGE_CLASSES = {  # SOP classes whose instances are CT images ITK reads
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
 }
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+# Folders of label images in the FLARE / nnU-Net / ../shared/data layouts: not CT to segment
+LABEL_FOLDERS = {"labels", "labelstr", "labelsts"}
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,11 @@ def discover(input_dir):
     input_dir = image_io.check_input_folder(input_dir)
     cases, skipped, series = [], [], {}  # series: key -> [(file, header)]
     for folder, files, _ in walk(input_dir):
+        if folder != input_dir and folder.name.lower() in LABEL_FOLDERS:
+            skipped.extend(image_io.Skipped(folder / name, "in a label folder (labels, labelsTr, "
+                                                           "labelsTs): ground truth, not CT")
+                           for name in files)
+            continue
         relative = folder.relative_to(input_dir)
         prefix = "__".join(relative.parts)
         folder_cases, folder_skipped = image_io.survey(folder)

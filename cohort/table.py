@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+from app import io as image_io
 from app import method
 
 DICOM_COLUMNS = {"patient_id": "PatientID", "study_uid": "StudyInstanceUID",
@@ -63,7 +64,7 @@ def rows_of(entries, headers):
 
 def replace_atomically(path, write):
     """``write(temporary path)``, then rename over ``path``."""
-    temporary = path.parent / f".partial-{os.getpid()}-{path.name}"
+    temporary = path.parent / f"{image_io.partial_name()}{path.suffix}"  # a rerun removes it
     try:
         write(temporary)
         os.replace(temporary, path)

@@ -159,6 +159,9 @@ class Segmenter:
             self.prefetched[next_case.name] = self.reader.submit(self._read_timed, next_case)
         start = time.perf_counter()
         try:
+            problem = cli.seg_input_problem(case, self.output_format)  # dicom-seg: DICOM only
+            if problem:
+                raise image_io.InputError(problem)
             image, warnings, read_seconds = pending.result()
             record = segment_case(self.predictor, case, image, warnings, self.output_dir,
                                   self.output_format, read_seconds, time.perf_counter() - start)

@@ -147,7 +147,8 @@ def same_labels(a, b):
 
 def pacs_tree(root):
     """A study as a PACS exports it: two CT series and a localizer mixed in one folder, an MR
-    series, a dose report, nested FLARE files, a text file and a broken DICOM file."""
+    series, a dose report, nested FLARE files with a label folder, a text file and a broken
+    DICOM file."""
     study = "1.2.826.0.1.3680043.2.1125.9"
     image = small_case(5)
     mixed = root / "export" / "PAT1" / "ST1"
@@ -162,6 +163,8 @@ def pacs_tree(root):
     (root / "export" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
     (root / "flare" / "deep").mkdir(parents=True)
     sitk.WriteImage(image, str(root / "flare" / "deep" / "liver_7_0000.nii.gz"))
+    (root / "flare" / "labelsTr").mkdir()
+    sitk.WriteImage(image, str(root / "flare" / "labelsTr" / "liver_7.nii.gz"))
     sitk.WriteImage(image, str(root / "top_0000.nii.gz"))
     (root / "notes.txt").write_text("not an image")
     return image
@@ -182,6 +185,7 @@ def test_discovery_finds_one_case_per_ct_series_and_lists_everything_else(tmp_pa
     assert reasons["IM00000"] == "modality MR, not CT (MR Image Storage)"
     assert reasons["broken.dcm"].startswith("not a readable DICOM file")
     assert reasons["notes.txt"].startswith("not an image")
+    assert reasons["liver_7.nii.gz"].startswith("in a label folder")
     # a series that shares its folder is read from its own files, in slice order
     first, _ = worker.read(cases[0])
     second, _ = worker.read(cases[1])  # its files were numbered feet first
