@@ -159,6 +159,8 @@ def run(input_dir, output_dir, ray_address="local", cpus_per_worker=1.0, gpus_pe
         if todo:
             segment_all(todo, manifest, output_dir, output_format, ray_address, cpus_per_worker,
                         gpus_per_worker, workers, weights_dir, local_cpus)
+            # a worker killed while writing left its temporary files; no case runs any more
+            image_io.remove_stale_partials(output_dir / LABELS_FOLDER)
         rows = [row for row in manifest.rows() if row["name"] in {c.name for c in cases}]
         headers = {case.name: case.header for case in cases}
         cohort_table.write(rows, headers, output_dir)

@@ -392,3 +392,37 @@ def test_a_killed_driver_is_resumed_by_a_rerun(tmp_path, ray_cluster):
     for name in done_first:  # not started again
         assert sum(" started " in line for line in log_lines(output, name)) == 1
     assert partials(output) == []  # the killed run's temporary files are gone
+
+
+@pytest.mark.slow
+def test_a_local_cluster_writes_dicom_seg_for_series_and_fails_other_cases(tmp_path,
+                                                                          monkeypatch):
+    """--ray local starts its own one-CPU cluster (never one found on the machine);
+    --output-format dicom-seg: a SEG for the series, the image file fails with the reason."""
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    series = inputs / "PAT3" / "CT"
+    files = write_ct_series(small_case(4), series, series_uid="1.2.3.7.1", study_uid="1.2.3.7",
+                            patient_id="PAT3")
+    sitk.WriteImage(small_case(6), str(inputs / "plain_0000.nii.gz"))
+    (output / "labels").mkdir(parents=True)
+    stale = output / "labels" / ".partial-999999-0123abcd.dcm"  # of a process long gone
+    stale.write_bytes(b"half")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # what "local" must not join
+    from cohort.run import run
+
+    rows, _, _ = run(inputs, output, "local", output_format="dicom-seg", local_cpus=1)
+    status = {row["name"]: row for row in rows}
+    assert status["PAT3_1_1"]["status"] == "done"
+    assert status["PAT3_1_1"]["outputs"] == {"dicom-seg": str(output / "labels" / "PAT3_1_1.dcm")}
+    assert status["plain"]["status"] == "failed"
+    assert "--output-format dicom-seg needs a DICOM series input" in status["plain"]["error"]
+    assert sorted(p.name for p in (output / "labels").iterdir()) == ["PAT3_1_1.dcm"]
+    image, _ = image_io.read_dicom_series(series)
+    import highdicom as hd
+
+    datasets, _ = dicom_seg.source_datasets(files)
+    labels = dicom_seg.labels_from_seg(hd.seg.segread(output / "labels" / "PAT3_1_1.dcm"),
+                                       datasets, image)
+    assert status["PAT3_1_1"]["record"]["volumes_ml"]["liver"] == pytest.approx(
+        np.count_nonzero(labels == 1) * np.prod(image.GetSpacing()) / 1000, abs=0.01)
