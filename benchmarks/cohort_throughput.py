@@ -1,7 +1,7 @@
 """Cases per hour of the cohort command (Ray, 1 and 2 workers) beside the folder command, on
 this machine; Ray's overhead per case; peak memory per worker; a paper estimate for N nodes.
 
-    python benchmarks/cohort_throughput.py [--cases 8] [--size 256 256 80] [--work DIR]
+    python -m benchmarks.cohort_throughput [--cases 8] [--size 256 256 80] [--work DIR]
 
 Every mode segments the same generated cases from scratch, each in a fresh process, as a user
 runs it (start-up and model loading included in the wall time):
@@ -29,10 +29,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from synthetic import CaseGeometry, generate_case
 
-from synthetic import CaseGeometry, generate_case  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_cases(folder, count, size):

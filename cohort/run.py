@@ -172,13 +172,13 @@ def run(input_dir, output_dir, ray_address="local", cpus_per_worker=1.0, gpus_pe
 def check_weights(weights_dir):
     """Refuse (FileNotFoundError/ValueError) a weights folder the workers could not load, before
     any worker starts."""
-    from app import predictor
+    from app import weights
 
-    folder = Path(weights_dir) if weights_dir else predictor.DEFAULT_WEIGHTS_DIR
-    for name in (predictor.LOCALIZATION_WEIGHTS, predictor.SEGMENTATION_WEIGHTS):
+    folder = Path(weights_dir) if weights_dir else weights.DEFAULT_WEIGHTS_DIR
+    for name in weights.WEIGHTS_FILES.values():
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: weights file missing")
-    predictor.read_settings(folder)
+    weights.read_settings(folder)
 
 
 def start_workers(ray, count, cpus_per_worker, gpus_per_worker, weights_dir, output_dir,

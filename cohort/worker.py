@@ -133,7 +133,8 @@ class Segmenter:
     segmented the next one (``next_case`` of ``segment``) is read in a thread."""
 
     def __init__(self, weights_dir, output_dir, output_format):
-        from app.predictor import DEFAULT_WEIGHTS_DIR, Predictor
+        from app.predictor import Predictor
+        from app.weights import DEFAULT_WEIGHTS_DIR
 
         self.predictor = Predictor(Path(weights_dir) if weights_dir else DEFAULT_WEIGHTS_DIR)
         self.output_dir, self.output_format = Path(output_dir), output_format

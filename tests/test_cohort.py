@@ -30,7 +30,8 @@ from tests.conftest import ROOT
 from tests.dicom_files import write_ct_series, write_dose_report
 
 RAY = Path(sys.executable).parent / "ray"
-HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"  # loopback; Ray rewrites 127.0.0.1 to eth0's address
+# loopback addresses: not 127.0.0.1 (Ray rewrites it), not 127.0.0.2 (what --ray local uses)
+HEAD_IP, WORKER_IP = "127.0.0.3", "127.0.0.4"
 NODE_MEMORY = "--object-store-memory=100000000"  # 100 MB: cases never travel through it
 
 
@@ -395,8 +396,7 @@ def test_a_killed_driver_is_resumed_by_a_rerun(tmp_path, ray_cluster):
 
 
 @pytest.mark.slow
-def test_a_local_cluster_writes_dicom_seg_for_series_and_fails_other_cases(tmp_path,
-                                                                          monkeypatch):
+def test_a_local_cluster_writes_dicom_seg_for_series_and_fails_other_cases(tmp_path):
     """--ray local starts its own one-CPU cluster (never one found on the machine);
     --output-format dicom-seg: a SEG for the series, the image file fails with the reason."""
     inputs, output = tmp_path / "in", tmp_path / "out"
@@ -407,16 +407,19 @@ def test_a_local_cluster_writes_dicom_seg_for_series_and_fails_other_cases(tmp_p
     (output / "labels").mkdir(parents=True)
     stale = output / "labels" / ".partial-999999-0123abcd.dcm"  # of a process long gone
     stale.write_bytes(b"half")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # what "local" must not join
-    from cohort.run import run
-
-    rows, _, _ = run(inputs, output, "local", output_format="dicom-seg", local_cpus=1)
-    status = {row["name"]: row for row in rows}
-    assert status["PAT3_1_1"]["status"] == "done"
-    assert status["PAT3_1_1"]["outputs"] == {"dicom-seg": str(output / "labels" / "PAT3_1_1.dcm")}
-    assert status["plain"]["status"] == "failed"
-    assert "--output-format dicom-seg needs a DICOM series input" in status["plain"]["error"]
+    environment = {**ray_environment(), "RAY_ADDRESS": "127.0.0.1:1"}  # not to be joined
+    del environment["RAY_AUTH_TOKEN"]  # a local cluster makes its own
+    completed = subprocess.run(
+        cohort_command(inputs, output, "local", "--local-cpus", "1", "--output-format",
+                       "dicom-seg"), env=environment, capture_output=True, text=True,
+        timeout=300)
+    assert completed.returncode == 1, completed.stderr
+    assert "removed 1 temporary file(s) of an interrupted run" in completed.stderr
+    rows = manifest_rows(output)
+    assert rows["PAT3_1_1"]["status"] == "done"
+    assert rows["PAT3_1_1"]["outputs"] == {"dicom-seg": str(output / "labels" / "PAT3_1_1.dcm")}
+    assert rows["plain"]["status"] == "failed"
+    assert "--output-format dicom-seg needs a DICOM series input" in rows["plain"]["error"]
     assert sorted(p.name for p in (output / "labels").iterdir()) == ["PAT3_1_1.dcm"]
     image, _ = image_io.read_dicom_series(series)
     import highdicom as hd
@@ -424,5 +427,8 @@ def test_a_local_cluster_writes_dicom_seg_for_series_and_fails_other_cases(tmp_p
     datasets, _ = dicom_seg.source_datasets(files)
     labels = dicom_seg.labels_from_seg(hd.seg.segread(output / "labels" / "PAT3_1_1.dcm"),
                                        datasets, image)
-    assert status["PAT3_1_1"]["record"]["volumes_ml"]["liver"] == pytest.approx(
+    with sqlite3.connect(output / "manifest.sqlite") as connection:
+        record = json.loads(connection.execute(
+            "SELECT record FROM cases WHERE name = 'PAT3_1_1'").fetchone()[0])
+    assert record["volumes_ml"]["liver"] == pytest.approx(
         np.count_nonzero(labels == 1) * np.prod(image.GetSpacing()) / 1000, abs=0.01)

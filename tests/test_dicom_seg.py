@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from app import dicom_seg
 from app import io as image_io
 from app.cli import main
-from app.predictor import DEFAULT_WEIGHTS_DIR, read_provenance
+from app.weights import DEFAULT_WEIGHTS_DIR, read_provenance
 from tests.dicom_files import write_ct_series
 
 # SNOMED CT code -> label: liver, kidney, spleen, pancreas
