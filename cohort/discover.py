@@ -9,9 +9,13 @@ localizer (scout), a dose report or other non-image object, a series of one slic
 pydicom cannot read.
 """
 
+import json
+import multiprocessing
 import os
 import re
+import sqlite3
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,7 @@ IMAGE_STORAGE_CLASSES = {  # SOP classes whose instances are CT images ITK reads
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
     "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
 }
+PARALLEL_FROM_FILES = 2000  # fewer DICOM files to parse: one process (a pool's start costs ~1 s)
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 # Folders of label images in the FLARE / nnU-Net / ../shared/data layouts: not CT to segment
 LABEL_FOLDERS = {"labels", "labelstr", "labelsts"}
@@ -99,6 +104,76 @@ def read_header(path):
     return header
 
 
+def header_or_error(path):
+    """(header, None) or (None, reason) for one file: ``read_header`` for a process pool."""
+    try:
+        return read_header(path), None
+    except image_io.InputError as error:
+        return None, str(error).split(": ", 1)[1]
+
+
+class HeaderCache:
+    """The discovery attributes of DICOM files read before, by path, size and mtime, in SQLite
+    (OUTPUT/discovery.sqlite): a rerun over an archive of millions of files parses only the new
+    or changed ones."""
+
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS headers (path TEXT PRIMARY KEY, size INTEGER, "
+              "mtime_ns INTEGER, header TEXT, error TEXT)")
+
+    def __init__(self, path):
+        self.connection = sqlite3.connect(path, timeout=30)
+        with self.connection:
+            self.connection.execute(self.SCHEMA)
+        self.hits = 0
+
+    def get(self, path, stat):
+        row = self.connection.execute("SELECT size, mtime_ns, header, error FROM headers "
+                                      "WHERE path = ?", (str(path),)).fetchone()
+        if row is None or (row[0], row[1]) != (stat.st_size, stat.st_mtime_ns):
+            return None
+        self.hits += 1
+        return (json.loads(row[2]) if row[2] else None), row[3]
+
+    def put_many(self, entries):
+        """``entries``: (path, stat, header or None, error or None)."""
+        with self.connection:
+            self.connection.executemany(
+                "INSERT OR REPLACE INTO headers VALUES (?, ?, ?, ?, ?)",
+                [(str(path), stat.st_size, stat.st_mtime_ns,
+                  json.dumps(header) if header is not None else None, error)
+                 for path, stat, header, error in entries])
+
+    def close(self):
+        self.connection.close()
+
+
+def read_headers(paths, cache=None, processes=None, parallel_from=PARALLEL_FROM_FILES):
+    """{path: (header or None, reason or None)} for DICOM files, in their order: from ``cache``
+    where it knows the file as it is, the rest parsed, in a pool of ``processes`` (default:
+    every CPU) when there are at least ``parallel_from`` of them."""
+    results, todo = {}, []
+    for path in paths:
+        stat = path.stat()
+        cached = cache.get(path, stat) if cache is not None else None
+        if cached is not None:
+            results[path] = cached
+        else:
+            todo.append((path, stat))
+    processes = processes or os.cpu_count() or 1
+    if len(todo) >= parallel_from and processes > 1:
+        # spawn, not fork: the caller may hold threads (TensorFlow, Ray) that fork would copy
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            read = list(pool.map(header_or_error, [path for path, _ in todo], chunksize=256))
+    else:
+        read = [header_or_error(path) for path, _ in todo]
+    for (path, _), result in zip(todo, read):
+        results[path] = result
+    if cache is not None and todo:
+        cache.put_many([(path, stat, *result) for (path, stat), result in zip(todo, read)])
+    return {path: results[path] for path in paths}  # in the order of ``paths``
+
+
 def not_a_ct_series(header, count):
     """Why a series (its first file's ``header``, ``count`` files) is not a case, or None."""
     from pydicom.uid import UID
@@ -136,16 +211,17 @@ def walk(input_dir):
         yield Path(folder), sorted(f for f in files if not f.startswith(".")), subfolders
 
 
-def discover(input_dir):
+def discover(input_dir, cache=None, processes=None):
     """(cases, skipped): every case under ``input_dir`` (``CohortCase``, sorted by name) and
-    every other visible file as ``app.io.Skipped`` with its reason.
+    every other visible file as ``app.io.Skipped`` with its reason. ``cache``: a
+    ``HeaderCache``; ``processes``: for ``read_headers``.
 
     Names: FLARE names as the folder command gives them, prefixed by the subfolder's path
     (``sub__NAME``) below the top; a CT series is named ``PATIENT_SERIESNUMBER_UIDTAIL`` from its
     header (or its folder's path when it has no UIDs).
     """
     input_dir = image_io.check_input_folder(input_dir)
-    cases, skipped, series = [], [], {}  # series: key -> [(file, header)]
+    cases, skipped, dicom_files = [], [], []
     for folder, files, _ in walk(input_dir):
         if folder != input_dir and folder.name.lower() in LABEL_FOLDERS:
             skipped.extend(image_io.Skipped(folder / name, "in a label folder (labels, labelsTr, "
@@ -166,16 +242,16 @@ def discover(input_dir):
             path = folder / name
             if image_io.image_format(name) or not path.is_file():
                 continue
-            if not image_io.looks_like_dicom(path):
-                continue
-            try:
-                header = read_header(path)
-            except image_io.InputError as error:
-                skipped.append(image_io.Skipped(path, str(error).split(": ", 1)[1]))
-                continue
-            uid = header.get("SeriesInstanceUID")
-            key = ("uid", uid) if uid else ("folder", str(folder))
-            series.setdefault(key, []).append((path, header))
+            if image_io.looks_like_dicom(path):
+                dicom_files.append(path)
+    series = {}  # ("uid", SeriesInstanceUID) or ("folder", folder) -> [(file, header)]
+    for path, (header, error) in read_headers(dicom_files, cache, processes).items():
+        if error:
+            skipped.append(image_io.Skipped(path, error))
+            continue
+        uid = header.get("SeriesInstanceUID")
+        key = ("uid", uid) if uid else ("folder", str(path.parent))
+        series.setdefault(key, []).append((path, header))
     for (kind, key), members in sorted(series.items()):
         header = members[0][1]
         reason = not_a_ct_series(header, len(members))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app import io as image_io
 from cohort import table as cohort_table
-from cohort.discover import discover
+from cohort.discover import HeaderCache, discover
 from cohort.manifest import Manifest
 from cohort.worker import LABELS_FOLDER, Segmenter, attempts_logged, output_paths
 
@@ -29,6 +29,7 @@ LOCAL_OBJECT_STORE_BYTES = 200 * 2**20  # --ray local: cases never travel throug
 # the machine's network address (ray._private.services.resolve_ip_for_localhost).
 LOCAL_NODE_IP = "127.0.0.2"
 WAIT_SECONDS = 30.0  # a progress line at least this often while cases run
+HEADER_CACHE = "discovery.sqlite"  # DICOM headers read before (cohort/discover.py)
 
 
 def connect(address, local_cpus=None):
@@ -139,12 +140,17 @@ def run(input_dir, output_dir, ray_address="local", cpus_per_worker=1.0, gpus_pe
     work (no case, output not writable, weights missing).
     """
     output_dir = Path(output_dir)
-    cases, skipped = discover(input_dir)
+    image_io.check_input_folder(input_dir)
+    image_io.check_writable(output_dir / LABELS_FOLDER)
+    cache = HeaderCache(output_dir / HEADER_CACHE)
+    try:
+        cases, skipped = discover(input_dir, cache)
+    finally:
+        cache.close()
     for item in skipped:
         print(f"skipped: {item.path}: {item.reason}", file=sys.stderr)
     if not cases:
         raise FileNotFoundError(f"{input_dir}: no case found (no image file and no CT series)")
-    image_io.check_writable(output_dir / LABELS_FOLDER)
     check_weights(weights_dir)
     for folder in (output_dir, output_dir / LABELS_FOLDER):
         removed = image_io.remove_stale_partials(folder)

@@ -24,7 +24,7 @@ from app import io as image_io
 from app.cli import main as folder_main
 from app.cli import organ_volumes_ml
 from cohort import worker
-from cohort.discover import discover
+from cohort.discover import HeaderCache, discover, read_headers
 from synthetic import CaseGeometry, generate_case
 from tests.conftest import ROOT
 from tests.dicom_files import write_ct_series, write_dose_report
@@ -194,6 +194,25 @@ def test_discovery_finds_one_case_per_ct_series_and_lists_everything_else(tmp_pa
     assert np.array_equal(sitk.GetArrayViewFromImage(second),
                           sitk.GetArrayViewFromImage(image[:, :, 2:]))
     assert np.allclose(second.GetOrigin(), image[:, :, 2:].GetOrigin(), atol=1e-4)
+
+
+def test_dicom_headers_are_read_once_per_file_version_and_alike_in_a_process_pool(tmp_path):
+    pacs_tree(tmp_path / "archive")
+    cache = HeaderCache(tmp_path / "discovery.sqlite")
+    first = discover(tmp_path / "archive", cache)
+    dicom_files = [p for p in (tmp_path / "archive").rglob("*")
+                   if p.is_file() and not p.name.endswith((".nii.gz", ".txt"))]
+    assert cache.hits == 0
+    assert discover(tmp_path / "archive", cache) == first  # every header from the cache
+    assert cache.hits == len(dicom_files) == 37  # 12 + 10 CT, localizer, 12 MR, report, broken
+    changed = tmp_path / "archive" / "export" / "PAT1" / "ST1" / "A00000"
+    os.utime(changed, ns=(1, 1))  # another version of that file: read again
+    cache.hits = 0
+    assert discover(tmp_path / "archive", cache) == first and cache.hits == 36
+    cache.close()
+    serial = read_headers(dicom_files)
+    assert read_headers(dicom_files, processes=2, parallel_from=1) == serial
+    assert serial[changed][0]["SeriesInstanceUID"] == "1.2.826.0.1.3680043.2.1125.9.1"
 
 
 # ---------------------------------------------------------------------------------------------
