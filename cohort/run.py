@@ -115,26 +115,35 @@ class Progress:
 
 
 def plan(cases, manifest, output_dir, output_format):
-    """(to do, kept): the cases to segment, and those whose manifest row says done for this very
-    input and whose outputs exist and verify."""
-    todo, kept = [], []
+    """(to verify, to do): the cases whose manifest row says done for this very input and these
+    output paths (with their paths), and the rest."""
+    candidates, todo = [], []
     for case in cases:
         entry = manifest.get(case.name)
         paths = {fmt: str(p) for fmt, p in output_paths(case, output_dir, output_format).items()}
         if entry and entry["status"] == "done" and entry["identity"] == case.identity \
                 and entry["outputs"] == paths:
-            problem = output_problem(case, paths)
-            if problem is None:
-                kept.append(case)
-                continue
-            print(f"{case.name}: segmented again: {problem}", file=sys.stderr)
-        todo.append(case)
-    return todo, kept
+            candidates.append((case, paths))
+        else:
+            todo.append(case)
+    return candidates, todo
+
+
+def verify(ray, candidates, cpus_per_task):
+    """[(case, problem or None)]: the outputs of earlier runs checked (``output_problem``), one
+    Ray task per case across the cluster: reading them back costs about as much as reading the
+    input, which a rerun of a large archive cannot afford on the driver alone."""
+    check = ray.remote(output_problem).options(num_cpus=cpus_per_task)
+    print(f"verifying the outputs of {len(candidates)} case(s) done before", file=sys.stderr,
+          flush=True)
+    problems = ray.get([check.remote(case, paths) for case, paths in candidates])
+    return [(case, problem) for (case, _), problem in zip(candidates, problems)]
 
 
 def run(input_dir, output_dir, ray_address="local", cpus_per_worker=1.0, gpus_per_worker=None,
         workers=None, weights_dir=None, output_format="nii.gz", local_cpus=None):
-    """Segment every case under ``input_dir`` into ``output_dir``; returns the manifest's rows.
+    """Segment every case under ``input_dir`` into ``output_dir``; returns (the manifest's rows
+    of these cases, the cases kept from earlier runs, the skipped files).
 
     Raises FileNotFoundError / NotADirectoryError / PermissionError / ValueError before any
     work (no case, output not writable, weights missing).
@@ -158,18 +167,29 @@ def run(input_dir, output_dir, ray_address="local", cpus_per_worker=1.0, gpus_pe
             print(f"removed {len(removed)} temporary file(s) of an interrupted run from {folder}",
                   file=sys.stderr)
     manifest = Manifest(output_dir)
+    ray = connect(ray_address, local_cpus)
     try:
-        todo, kept = plan(cases, manifest, output_dir, output_format)
+        candidates, todo = plan(cases, manifest, output_dir, output_format)
+        kept = []
+        for case, problem in verify(ray, candidates, cpus_per_worker) if candidates else []:
+            if problem is None:
+                kept.append(case)
+            else:
+                print(f"{case.name}: segmented again: {problem}", file=sys.stderr)
+                todo.append(case)
         print(f"{len(cases)} cases ({len(kept)} done before, kept), {len(todo)} to segment; "
               f"{len(skipped)} files skipped", file=sys.stderr, flush=True)
         if todo:
-            segment_all(todo, manifest, output_dir, output_format, ray_address, cpus_per_worker,
-                        gpus_per_worker, workers, weights_dir, local_cpus)
-            # a worker killed while writing left its temporary files; no case runs any more
-            image_io.remove_stale_partials(output_dir / LABELS_FOLDER)
-        rows = [row for row in manifest.rows() if row["name"] in {c.name for c in cases}]
-        headers = {case.name: case.header for case in cases}
-        cohort_table.write(rows, headers, output_dir)
+            segment_all(ray, todo, manifest, output_dir, output_format, cpus_per_worker,
+                        gpus_per_worker, workers, weights_dir)
+    finally:
+        ray.shutdown()
+    try:
+        # a worker killed while writing left its temporary files; no case runs any more
+        image_io.remove_stale_partials(output_dir / LABELS_FOLDER)
+        names = {case.name for case in cases}
+        rows = [row for row in manifest.rows() if row["name"] in names]
+        cohort_table.write(rows, {case.name: case.header for case in cases}, output_dir)
         return rows, kept, skipped
     finally:
         manifest.close()
@@ -201,28 +221,24 @@ def start_workers(ray, count, cpus_per_worker, gpus_per_worker, weights_dir, out
     return actors
 
 
-def segment_all(todo, manifest, output_dir, output_format, ray_address, cpus_per_worker,
-                gpus_per_worker, workers, weights_dir, local_cpus):
+def segment_all(ray, todo, manifest, output_dir, output_format, cpus_per_worker,
+                gpus_per_worker, workers, weights_dir):
     """Segment ``todo`` on Ray actors, recording each case in ``manifest`` as it finishes."""
-    ray = connect(ray_address, local_cpus)
-    try:
-        resources = ray.cluster_resources()
-        if gpus_per_worker is None:  # GPU workers where the cluster has GPUs
-            gpus_per_worker = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-        if workers is None:
-            workers = (int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker
-                       else int(resources.get("CPU", 1) // cpus_per_worker))
-        workers = max(1, min(workers, len(todo)))
-        device = f", {gpus_per_worker:g} GPU" if gpus_per_worker else ""
-        print(f"starting {workers} worker(s) ({cpus_per_worker:g} CPU{device} each) on a Ray "
-              f"cluster of {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs",
-              file=sys.stderr, flush=True)
-        actors = start_workers(ray, workers, cpus_per_worker, gpus_per_worker, weights_dir,
-                               output_dir, output_format)
-        manifest.mark_running(todo)
-        dispatch(ray, actors, todo, manifest, output_dir)
-    finally:
-        ray.shutdown()
+    resources = ray.cluster_resources()
+    if gpus_per_worker is None:  # GPU workers where the cluster has GPUs
+        gpus_per_worker = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    if workers is None:
+        workers = (int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker
+                   else int(resources.get("CPU", 1) // cpus_per_worker))
+    workers = max(1, min(workers, len(todo)))
+    device = f", {gpus_per_worker:g} GPU" if gpus_per_worker else ""
+    print(f"starting {workers} worker(s) ({cpus_per_worker:g} CPU{device} each) on a Ray "
+          f"cluster of {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs",
+          file=sys.stderr, flush=True)
+    actors = start_workers(ray, workers, cpus_per_worker, gpus_per_worker, weights_dir,
+                           output_dir, output_format)
+    manifest.mark_running(todo)
+    dispatch(ray, actors, todo, manifest, output_dir)
 
 
 def dispatch(ray, actors, todo, manifest, output_dir):

@@ -294,13 +294,20 @@ def test_every_case_is_done_once_and_equals_the_folder_command(tmp_path, ray_clu
     assert (output / "cohort.csv").read_text().count("\n") == len(names) + 1
     assert (output / "cohort.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # a rerun keeps every verified output and segments nothing but the failed case again
+    # a rerun keeps every output that verifies; an output broken since, and the failed case,
+    # are segmented again
+    broken = output / "labels" / "site_a__c2.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:-40])
     rerun = subprocess.run(cohort_command(inputs, output, address, "--output-format", "both"),
                            env=environment, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 1, rerun.stderr
-    assert "5 cases (4 done before, kept), 1 to segment" in rerun.stderr
-    assert "summary: 4 done (4 kept from earlier runs), 1 failed" in rerun.stderr
+    assert "site_a__c2: segmented again: site_a__c2.nii.gz: unreadable" in rerun.stderr
+    assert "5 cases (3 done before, kept), 2 to segment" in rerun.stderr
+    assert "summary: 4 done (3 kept from earlier runs), 1 failed" in rerun.stderr
     assert sum(" started " in line for line in log_lines(output, "site_a__c1")) == 1
+    assert sum(" started " in line for line in log_lines(output, "site_a__c2")) == 2
+    assert same_labels(sitk.ReadImage(str(broken)),
+                       sitk.ReadImage(str(folder_out / "c2.nii.gz")))
 
 
 def write_cases(inputs, count, seed=10):
