@@ -4,8 +4,8 @@ OUTPUT/cohort.parquet (pyarrow), and OUTPUT/cohort.png (organ-volume histograms,
 Columns: case, status, attempts, identity, input; DICOM ids and scanner (patient, study, series,
 series number and description, manufacturer, model, study date), slice thickness (mm, DICOM) and
 contrast agent (DICOM's ContrastBolusAgent); size and spacing; ROI extent (mm); organ volumes
-(mL), mean and median HU per organ; seconds per stage; peak memory (MB); host; warnings and error
-joined by " | "; finished (UTC, ISO 8601).
+(mL), mean and median HU per organ; seconds per stage; peak memory (MB); host and Ray node;
+warnings and error joined by " | "; finished (UTC, ISO 8601).
 """
 
 import calendar
@@ -54,6 +54,7 @@ def rows_of(entries, headers):
             row[f"seconds_{stage}"] = seconds.get(stage)
         row["peak_memory_mb"] = record.get("peak_memory_mb")
         row["host"] = record.get("host")
+        row["node"] = record.get("node")  # the Ray node's address
         row["warnings"] = " | ".join(record.get("warnings", [])) or None
         row["error"] = entry["error"]
         row["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["updated"])) \
