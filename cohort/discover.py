@@ -26,10 +26,8 @@ HEADER_TAGS = ("SOPClassUID", "Modality", "ImageType", "SeriesInstanceUID", "Stu
                "PatientID", "SeriesNumber", "SeriesDescription", "Manufacturer",
                "ManufacturerModelName", "SliceThickness", "ContrastBolusAgent", "Rows",
                "ImagePositionPatient", "FrameOfReferenceUID", "StudyDate")
-IMAGE_STORAGE_CLASSES = {  # SOP classes whose instances are CT images ITK reads as a volume
-    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
-}
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # one slice a file: what a case is made of
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"  # multi-frame: not read (yet)
 PARALLEL_FROM_FILES = 2000  # fewer DICOM files to parse: one process (a pool's start costs ~1 s)
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 # Folders of label images in the FLARE / nnU-Net / ../shared/data layouts: not CT to segment
@@ -180,7 +178,10 @@ def not_a_ct_series(header, count):
 
     modality = header.get("Modality", "")
     sop_class = header.get("SOPClassUID", "")
-    if sop_class and sop_class not in IMAGE_STORAGE_CLASSES:
+    if sop_class == ENHANCED_CT_IMAGE_STORAGE:
+        return ("an Enhanced (multi-frame) CT object: not read by this version (one file per "
+                "slice, CT Image Storage, is)")
+    if sop_class and sop_class != CT_IMAGE_STORAGE:
         kind = UID(sop_class).name if UID(sop_class).is_valid else sop_class
         if "Dose" in kind:
             return f"a dose report ({kind})"

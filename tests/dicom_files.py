@@ -8,6 +8,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"  # how a CT dose report often arrives
 X_RAY_DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
@@ -38,12 +39,13 @@ def _base(sop_class, study_uid, series_uid, modality, patient_id):
 
 def write_ct_series(image, folder, series_uid=None, study_uid=None, frame_uid=None,
                     patient_id="P1", modality="CT", image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
-                    description="abdomen 3.0", file_order=None, prefix="IM"):
+                    description="abdomen 3.0", file_order=None, prefix="IM", sop_class=None):
     """One file per slice of ``image`` (int16 HU), positions and orientation from its geometry.
 
     ``file_order``: the slice index each file number holds (default 0, 1, ...; reversed for a
     series stored the other way); files are named PREFIX00000 etc., without a suffix, as archives
-    name them. Returns the file paths in file-number order.
+    name them. ``sop_class``: another SOP class than CT's (MR's for modality MR). Returns the
+    file paths in file-number order.
     """
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
@@ -52,7 +54,7 @@ def write_ct_series(image, folder, series_uid=None, study_uid=None, frame_uid=No
     direction = np.array(image.GetDirection()).reshape(3, 3)
     voxels = sitk.GetArrayFromImage(image).astype(np.int16)  # (z, y, x)
     order = list(file_order) if file_order is not None else list(range(voxels.shape[0]))
-    sop_class = MR_IMAGE if modality == "MR" else CT_IMAGE
+    sop_class = sop_class or (MR_IMAGE if modality == "MR" else CT_IMAGE)
     paths = []
     for number, z in enumerate(order):
         dataset = _base(sop_class, study_uid, series_uid, modality, patient_id)

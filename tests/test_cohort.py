@@ -27,7 +27,7 @@ from cohort import worker
 from cohort.discover import HeaderCache, discover, read_headers
 from synthetic import CaseGeometry, generate_case
 from tests.conftest import ROOT
-from tests.dicom_files import write_ct_series, write_dose_report
+from tests.dicom_files import ENHANCED_CT_IMAGE, write_ct_series, write_dose_report
 
 RAY = Path(sys.executable).parent / "ray"
 # loopback addresses: not 127.0.0.1 (Ray rewrites it), not 127.0.0.2 (what --ray local uses)
@@ -148,8 +148,8 @@ def same_labels(a, b):
 
 def pacs_tree(root):
     """A study as a PACS exports it: two CT series and a localizer mixed in one folder, an MR
-    series, a dose report, nested FLARE files with a label folder, a text file and a broken
-    DICOM file."""
+    series, enhanced CT, a dose report, nested FLARE files with a label folder, a text file and
+    a broken DICOM file."""
     study = "1.2.826.0.1.3680043.2.1125.9"
     image = small_case(5)
     mixed = root / "export" / "PAT1" / "ST1"
@@ -161,6 +161,8 @@ def pacs_tree(root):
     write_ct_series(image, root / "export" / "PAT1" / "ST2", series_uid=f"{study}.4",
                     study_uid=study, modality="MR")
     write_dose_report(root / "export" / "PAT1" / "ST1" / "DOSE", study)
+    write_ct_series(image[:, :, :2], root / "export" / "PAT1" / "ST3", series_uid=f"{study}.5",
+                    study_uid=study, prefix="E", sop_class=ENHANCED_CT_IMAGE)
     (root / "export" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
     (root / "flare" / "deep").mkdir(parents=True)
     sitk.WriteImage(image, str(root / "flare" / "deep" / "liver_7_0000.nii.gz"))
@@ -187,6 +189,7 @@ def test_discovery_finds_one_case_per_ct_series_and_lists_everything_else(tmp_pa
     assert reasons["broken.dcm"].startswith("not a readable DICOM file")
     assert reasons["notes.txt"].startswith("not an image")
     assert reasons["liver_7.nii.gz"].startswith("in a label folder")
+    assert reasons["E00000"].startswith("an Enhanced (multi-frame) CT object: not read")
     # a series that shares its folder is read from its own files, in slice order
     first, _ = worker.read(cases[0])
     second, _ = worker.read(cases[1])  # its files were numbered feet first
@@ -204,11 +207,11 @@ def test_dicom_headers_are_read_once_per_file_version_and_alike_in_a_process_poo
                    if p.is_file() and not p.name.endswith((".nii.gz", ".txt"))]
     assert cache.hits == 0
     assert discover(tmp_path / "archive", cache) == first  # every header from the cache
-    assert cache.hits == len(dicom_files) == 37  # 12 + 10 CT, localizer, 12 MR, report, broken
+    assert cache.hits == len(dicom_files) == 39  # 12 + 10 CT, scout, 12 MR, 2 enhanced, SR, junk
     changed = tmp_path / "archive" / "export" / "PAT1" / "ST1" / "A00000"
     os.utime(changed, ns=(1, 1))  # another version of that file: read again
     cache.hits = 0
-    assert discover(tmp_path / "archive", cache) == first and cache.hits == 36
+    assert discover(tmp_path / "archive", cache) == first and cache.hits == 38
     cache.close()
     serial = read_headers(dicom_files)
     assert read_headers(dicom_files, processes=2, parallel_from=1) == serial
