@@ -57,9 +57,9 @@ def algorithm_parameters(provenance, weights_dir=None):
     if provenance:
         text = json.dumps(provenance, sort_keys=True).encode()
         parameters["weights_json_sha256"] = hashlib.sha256(text).hexdigest()[:16]
-        for key in ("date", "license"):
+        for key in ("date", "license", "use_restrictions"):
             if provenance.get(key):
-                parameters[f"weights_{key}"] = str(provenance[key])[:60]
+                parameters[f"weights_{key}"] = str(provenance[key])[:160]
         for network in method.NETWORKS:
             entry = provenance.get(network, {})
             for key in ("iterations", "origin"):
