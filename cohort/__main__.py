@@ -68,6 +68,9 @@ def main(argv=None):
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ConnectionError as error:  # ray.init: no cluster at that address
+        print(f"error: --ray {args.ray}: cannot join the Ray cluster ({error})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished cases are in the manifest; run the same command again to "
               "go on", file=sys.stderr)

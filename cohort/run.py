@@ -217,7 +217,12 @@ def start_workers(ray, count, cpus_per_worker, gpus_per_worker, weights_dir, out
     weights = str(Path(weights_dir).resolve()) if weights_dir else None
     actors = [actor.remote(weights, str(output_dir.resolve()), output_format)
               for _ in range(count)]
-    ray.get([a.ping.remote() for a in actors])  # raises here if a Predictor cannot load
+    try:
+        ray.get([a.ping.remote() for a in actors])
+    except ray.exceptions.RayError as error:  # a Predictor that cannot load, on any node
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"the workers could not start ({type(error).__name__}: "
+                         f"{first[:300]}); see the Ray logs of the nodes") from None
     return actors
 
 

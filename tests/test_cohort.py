@@ -218,6 +218,25 @@ def test_dicom_headers_are_read_once_per_file_version_and_alike_in_a_process_poo
     assert serial[changed][0]["SeriesInstanceUID"] == "1.2.826.0.1.3680043.2.1125.9.1"
 
 
+def test_the_command_refuses_before_any_work(tmp_path, capsys):
+    from cohort.__main__ import main
+
+    assert main(["run", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "missing: input folder does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image")
+    assert main(["run", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "skipped: " in err and "error: " in err and "no case found" in err
+    sitk.WriteImage(small_case(1), str(tmp_path / "empty" / "a_0000.nii.gz"))
+    assert main(["run", str(tmp_path / "empty"), str(tmp_path / "out"), "--weights",
+                 str(tmp_path)]) == 2
+    assert "localization.weights.h5: weights file missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "a", "b", "--workers", "0"])
+
+
 # ---------------------------------------------------------------------------------------------
 # On the cluster
 # ---------------------------------------------------------------------------------------------
