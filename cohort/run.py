@@ -101,8 +101,9 @@ def duration(seconds):
 class Progress:
     """One line per finished case: counts, this run's rate and the estimated time left."""
 
-    def __init__(self, total, stream=sys.stdout):
-        self.total, self.finished, self.stream = total, 0, stream
+    def __init__(self, total, stream=None):
+        self.total, self.finished = total, 0
+        self.stream = stream or sys.stdout  # the one of now, not of the import
         self.start = time.perf_counter()
 
     def line(self, name, text):
