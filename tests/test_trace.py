@@ -340,8 +340,12 @@ def test_no_nvml_library_or_no_such_gpu_is_reported_not_raised():
 
 
 def test_gpu_trace_of_a_real_command_with_fake_nvml_gives_the_flare_numbers(tmp_path):
+    # Children the test process had before (such as multiprocessing's resource tracker, left by
+    # an earlier test's process pool) are not the command's.
+    earlier = {p.pid for p in psutil.Process().children(recursive=True)}
+
     def tree_of_this_test():  # NVML would list the command's processes, plus one stranger
-        children = psutil.Process().children(recursive=True)
+        children = [p for p in psutil.Process().children(recursive=True) if p.pid not in earlier]
         return ([SimpleNamespace(pid=p.pid, usedGpuMemory=256 * MIB) for p in children]
                 + [SimpleNamespace(pid=1, usedGpuMemory=100 * MIB)])
 
