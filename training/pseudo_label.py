@@ -47,6 +47,7 @@ from app import io as image_io
 from app import method
 from app.geometry import Grid, from_canonical, linear_positions, to_canonical
 from app.localization import localization_grid
+from app.precision import PRECISIONS
 from app.segmentation import labels_on_roi, paste
 
 # Measured with the shipped weights on 2 labelled real CT and 3 generated cases (docs/training.md,
@@ -72,7 +73,7 @@ def parse_args(argv=None):
     parser.add_argument("--second-weights", type=Path, default=None,
                         help="a second weights folder: voxels where its label differs are "
                              "ignored too")
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="the networks' precision (default: app's, bfloat16 on CPUs with "
                              "native bfloat16)")
     return parser.parse_args(argv)
