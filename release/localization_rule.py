@@ -13,12 +13,9 @@ scored.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from pathlib import Path
 
-from release.shipping_rule import mean_of, organ_means, report
+from release.shipping_rule import mean_of, organ_means, paired_rule_main
 from release.shipping_rule import conditions as anatomy_rule_conditions
 
 REAL_CASES = ("ts_example", "ts_dicom")
@@ -100,24 +97,7 @@ def choose(base: tuple[dict, dict], candidates: dict[str, tuple[dict, dict]]) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--baseline", nargs=2, type=Path, required=True,
-                        metavar=("SCORES", "COVERAGE"), help="the shipped weights' files")
-    parser.add_argument("--candidate", nargs=3, action="append", required=True,
-                        metavar=("NAME", "SCORES", "COVERAGE"), help="A or B and its files")
-    args = parser.parse_args(argv)
-    names = [name for name, _, _ in args.candidate]
-    if any(name not in ("A", "B") for name in names) or len(set(names)) != len(names):
-        parser.error(f"candidates are A and B, each once: {names}")
-
-    def load(*paths):
-        return tuple(json.loads(Path(path).read_text()) for path in paths)
-
-    base = load(*args.baseline)
-    candidates = {name: load(scores, coverage) for name, scores, coverage in args.candidate}
-    report({f"candidate {name}": conditions(*base, scores, coverage)
-            for name, (scores, coverage) in candidates.items()}, choose(base, candidates))
-    return 0
+    return paired_rule_main(argv, __doc__.split("\n")[0], "COVERAGE", conditions, choose)
 
 
 if __name__ == "__main__":

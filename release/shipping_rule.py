@@ -104,6 +104,30 @@ def report(checked, chosen):
     print(f"ships: {chosen if chosen else 'nothing (no candidate passes)'}")
 
 
+def paired_rule_main(argv, description: str, second: str, conditions, choose) -> int:
+    """The command line of a rule whose candidates each bring a score file and a second file
+    (R-loc: ROI coverage, R-pseudo: pseudo-label volumes): ``--baseline SCORES SECOND
+    --candidate NAME SCORES SECOND`` (A and B, each at most once)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--baseline", nargs=2, type=Path, required=True,
+                        metavar=("SCORES", second), help="the shipped weights' files")
+    parser.add_argument("--candidate", nargs=3, action="append", required=True,
+                        metavar=("NAME", "SCORES", second), help="A or B and its files")
+    args = parser.parse_args(argv)
+    names = [name for name, _, _ in args.candidate]
+    if any(name not in ("A", "B") for name in names) or len(set(names)) != len(names):
+        parser.error(f"candidates are A and B, each once: {names}")
+
+    def load(*paths):
+        return tuple(json.loads(Path(path).read_text()) for path in paths)
+
+    base = load(*args.baseline)
+    candidates = {name: load(scores, other) for name, scores, other in args.candidate}
+    report({f"candidate {name}": conditions(*base, *files)
+            for name, files in candidates.items()}, choose(base, candidates))
+    return 0
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("baseline", type=Path, help="scores of the shipped weights")

@@ -1,0 +1,111 @@
+"""Apply rule R-pseudo (weights/MODEL_CARD.md) to the SCN candidates of a run trained with
+partial labels and pseudo-labels.
+
+    python -m release.pseudo_rule --baseline SCORES.json PSEUDO.json \\
+        --candidate A SCORES.json PSEUDO.json [--candidate B SCORES.json PSEUDO.json]
+
+SCORES: ``python -m release.score_weights --weights DIR --anatomy ../shared/anatomy --json``;
+PSEUDO: the ``pseudo_labels.json`` that ``python -m training.pseudo_label
+../shared/data/unlabelled/images --weights DIR`` writes (its organ volumes: the unlabelled scan
+has no reference, so plausible adult volumes are the only check there). Prints every condition
+with both numbers and PASS/FAIL, then the candidate the rule ships (or none). The thresholds are
+the rule's, fixed before any candidate was scored.
+"""
+
+from __future__ import annotations
+
+
+from release.shipping_rule import anatomy_merit, mean_of, organ_means, paired_rule_main
+
+# Adult organ volumes in mL (kidneys together), as the issue gives them.
+PLAUSIBLE_ML = {"liver": (1200.0, 2200.0), "kidney": (250.0, 450.0), "spleen": (100.0, 400.0),
+                "pancreas": (50.0, 110.0)}
+
+
+def plausible_organs(pseudo: dict) -> int:
+    """Organ volumes inside PLAUSIBLE_ML, counted over every case of a pseudo_labels.json."""
+    if not pseudo["cases"]:
+        raise ValueError("the pseudo_labels.json lists no case")
+    return sum(low <= entry["volumes_ml"][organ] <= high
+               for entry in pseudo["cases"].values()
+               for organ, (low, high) in PLAUSIBLE_ML.items())
+
+
+def dicom_mean_dsc(scores: dict) -> float:
+    return mean_of(organ["dsc"] for organ in scores["real_ct"]["ts_dicom"].values())
+
+
+def conditions(base_scores: dict, base_pseudo: dict, scores: dict,
+               pseudo: dict) -> list[tuple[str, bool, str]]:
+    """(condition, holds, numbers) for each of the rule's conditions."""
+    out = []
+    anatomy_b, anatomy_c = base_scores["anatomy_held_out"], scores["anatomy_held_out"]
+    for metric, fall in (("dsc", 0.005), ("nsd_1mm", 0.01)):
+        b = mean_of(organ_means(anatomy_b, metric).values())
+        c = mean_of(organ_means(anatomy_c, metric).values())
+        out.append((f"1. held-out anatomy: mean {metric} falls <= {fall}", c - b >= -fall - 1e-9,
+                    f"{b:.4f} -> {c:.4f}"))
+    b, c = organ_means(anatomy_b, "dsc"), organ_means(anatomy_c, "dsc")
+    worst = min(b, key=lambda organ: c[organ] - b[organ])
+    out.append(("1. held-out anatomy: no organ's dsc falls > 0.01",
+                all(c[o] - b[o] >= -0.01 - 1e-9 for o in b),
+                f"worst {worst} {b[worst]:.4f} -> {c[worst]:.4f}"))
+    real_b, real_c = base_scores["real_ct"], scores["real_ct"]
+    for organ in ("liver", "spleen"):
+        before, after = real_b["ts_dicom"][organ]["dsc"], real_c["ts_dicom"][organ]["dsc"]
+        out.append((f"2. ts_dicom {organ} DSC falls <= 0.01", after - before >= -0.01 - 1e-9,
+                    f"{before:.4f} -> {after:.4f}"))
+
+    def pancreas(real):
+        return 0.5 * (real["ts_example"]["pancreas"]["dsc"] + real["ts_dicom"]["pancreas"]["dsc"])
+
+    out.append(("3. mean real pancreas DSC falls <= 0.03",
+                pancreas(real_c) - pancreas(real_b) >= -0.03 - 1e-9,
+                f"{pancreas(real_b):.4f} -> {pancreas(real_c):.4f}"))
+    chaos_b, chaos_c = real_b["chaos_ct3"]["liver"], real_c["chaos_ct3"]["liver"]
+    for metric, fall in (("dsc", 0.005), ("nsd", 0.01)):
+        out.append((f"4. chaos_ct3 liver {metric.upper()} falls <= {fall}",
+                    chaos_c[metric] - chaos_b[metric] >= -fall - 1e-9,
+                    f"{chaos_b[metric]:.4f} -> {chaos_c[metric]:.4f}"))
+    example_b, example_c = real_b["ts_example"], real_c["ts_example"]
+    worst = min(example_b, key=lambda o: example_c[o]["dsc"] - example_b[o]["dsc"])
+    out.append(("5. ts_example: no organ's DSC falls > 0.02",
+                all(example_c[o]["dsc"] >= example_b[o]["dsc"] - 0.02 - 1e-9 for o in example_b),
+                f"worst {worst} {example_b[worst]['dsc']:.4f} -> {example_c[worst]['dsc']:.4f}"))
+    b = organ_means(base_scores["generated_unseen"], "dsc")
+    c = organ_means(scores["generated_unseen"], "dsc")
+    worst = min(b, key=lambda organ: c[organ] - b[organ])
+    out.append(("6. generated: no organ's mean DSC falls > 0.015",
+                all(c[o] >= b[o] - 0.015 - 1e-9 for o in b),
+                f"worst {worst} {b[worst]:.4f} -> {c[worst]:.4f}"))
+    count_b, count_c = plausible_organs(base_pseudo), plausible_organs(pseudo)
+    volumes = "; ".join(", ".join(f"{organ} {entry['volumes_ml'][organ]:.0f}"
+                                  for organ in PLAUSIBLE_ML) for entry in pseudo["cases"].values())
+    out.append(("7. unlabelled CT: organs with plausible volumes do not fall", count_c >= count_b,
+                f"{count_b} -> {count_c} ({volumes} mL)"))
+    merit_b, merit_c = anatomy_merit(base_scores), anatomy_merit(scores)
+    dicom_b, dicom_c = dicom_mean_dsc(base_scores), dicom_mean_dsc(scores)
+    out.append(("8. gain: held-out anatomy merit rises >= 0.01 or ts_dicom mean DSC >= 0.02",
+                merit_c - merit_b >= 0.01 - 1e-9 or dicom_c - dicom_b >= 0.02 - 1e-9,
+                f"merit {merit_b:.4f} -> {merit_c:.4f}, ts_dicom {dicom_b:.4f} -> {dicom_c:.4f}"))
+    return out
+
+
+def choose(base: tuple[dict, dict], candidates: dict[str, tuple[dict, dict]]) -> str | None:
+    """B when both pass unless A's held-out anatomy merit is higher by more than 0.01."""
+    passing = [name for name, (scores, pseudo) in candidates.items()
+               if all(holds for _, holds, _ in conditions(*base, scores, pseudo))]
+    if not passing:
+        return None
+    if set(passing) == {"A", "B"}:
+        gap = anatomy_merit(candidates["A"][0]) - anatomy_merit(candidates["B"][0])
+        return "A" if gap > 0.01 + 1e-9 else "B"
+    return passing[0]
+
+
+def main(argv=None) -> int:
+    return paired_rule_main(argv, __doc__.split("\n")[0], "PSEUDO", conditions, choose)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
