@@ -20,8 +20,10 @@ How a case is made
    diaphragm's curvature rise over every real organ; the abdominal cavity widens until it holds
    them all. Body wall, fat, skeleton, lungs, heart, vessels and bowel follow from the patient.
 4. Real structures become fields (signed distance in mm) on the generator's coarse grid. Organs
-   the map does not cover (a kidney, the pancreas) are drawn by the generator and carved clear of
-   every real structure; procedural neighbours keep clear of real ones too.
+   the map does not cover (a kidney, the pancreas) are drawn by the generator: a drawn kidney is
+   first moved (at most 30 mm, its vessels and ureter dragged along) to where real structures
+   take at most 2 % of it, then, like the pancreas, carved clear of every real structure;
+   procedural neighbours keep clear of real ones too.
 5. Appearance is the generator's, per seed: contrast phase, tissue HU, textures, fatty liver and
    pancreas, noise, slice thickness; lesions (cysts and tumours) are added inside the organs and
    stay part of the organ's label, as FLARE labels them.
@@ -49,7 +51,7 @@ from scipy import ndimage
 from synthetic.appearance import _scan
 from synthetic.fields import _FAR_MM, Field, _ellipsoid, _ramp
 from synthetic.generator import _organ_labels, write_pair
-from synthetic.grids import CaseGeometry, Lattice, _coarse_grid, random_geometry
+from synthetic.grids import CaseGeometry, Lattice, _coarse_grid, _overlap, random_geometry
 from synthetic.patient import Patient
 from synthetic.scene import _body_box, _calibrate, _render, _Scene
 
@@ -556,6 +558,49 @@ def _split_sides(field: Field, grid: Lattice) -> dict[str, Field]:
                               .astype(np.float32))}
 
 
+CARVE_GAP_MM = 2.0  # drawn organs keep this far from real structures
+CLIP_CAVITY_MM = 1.5  # synthetic.scene's organ_field defaults
+KIDNEY_CLIP_DIAPHRAGM_MM = 6.0
+MOVE_MAX_MM = 30.0
+MOVE_ACCEPTED = 0.02
+
+
+def _clearing_shift(inside: np.ndarray, blocked: np.ndarray, start, spacing_zyx, reach):
+    """A (z, y, x) voxel shift, within ``reach`` voxels per axis and MOVE_MAX_MM, of the mask
+    ``inside`` (placed at ``start`` in ``blocked``): the shortest after which ``blocked`` holds at
+    most MOVE_ACCEPTED of it, else the one after which it holds least (ties: the shorter, then
+    the first in (z, y, x) order). Shares are counted on at most 4,000 of the mask's voxels."""
+    points = np.argwhere(inside)
+    points = points[::-(-len(points) // 4000)] + np.asarray(start)
+    steps = [np.arange(-r, r + 1) for r in reach]
+    shifts = np.stack(np.meshgrid(*steps, indexing="ij"), axis=-1).reshape(-1, 3)
+    length = np.linalg.norm(shifts * np.asarray(spacing_zyx), axis=1)
+    keep = length <= MOVE_MAX_MM + 1e-6
+    shifts = shifts[keep][np.argsort(length[keep], kind="stable")]
+    allowed = MOVE_ACCEPTED * len(points)
+    lowest, highest = points.min(axis=0), points.max(axis=0)
+    best, best_count = None, None
+    for shift in shifts:
+        if (lowest + shift < 0).any() or (highest + shift >= blocked.shape).any():
+            continue
+        moved = points + shift
+        count = np.count_nonzero(blocked[moved[:, 0], moved[:, 1], moved[:, 2]])
+        if count <= allowed:
+            return shift
+        if best_count is None or count < best_count:
+            best, best_count = shift, count
+    return best
+
+
+def _drag(points: np.ndarray, move_mm: np.ndarray) -> np.ndarray:
+    """A polyline that starts at a moved organ: its first point moves by ``move_mm``, the others
+    by less in proportion to their distance along the line from it, the last not at all."""
+    points = np.asarray(points, float)
+    along = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
+    weight = 1.0 - along / max(along[-1], 1e-6)
+    return points + weight[:, None] * move_mm
+
+
 class AnatomyScene(_Scene):
     """The generator's scene with real structures: real organs replace procedural ones, real
     neighbours are painted as what they are, and procedural structures keep clear of both."""
@@ -579,23 +624,64 @@ class AnatomyScene(_Scene):
         self.femoral_heads = fields.get("femoral_heads")
         everything = list(self.real_organs.values()) + [
             fields[n] for n in fields if n not in ORGAN_LABELS]
+        self.moved: dict[str, list[float]] = {}  # drawn kidneys moved clear: mm (x, y, z)
         self.keep_clear = [(f, 1.5) for f in everything]
         self._all_real = everything
+        self._drawn_kidneys_placed = False
+
+    def _move_clear(self, side: str):
+        """Move a drawn kidney by the shortest whole-voxel translation (at most MOVE_MAX_MM) after
+        which real structures (grown by the carving gap), the outside of the cavity and the space
+        above the diaphragm hold at most MOVE_ACCEPTED of it, else by the one after which they
+        hold least; what they still hold is carved afterwards. Carving alone cut up to half of a
+        drawn right kidney where a real liver reached down."""
+        organ = self.p.kidneys[side]
+        field = self.organ_field(organ, clip_diaphragm=KIDNEY_CLIP_DIAPHRAGM_MM)
+        if field is None or not (field.values > 0).any():
+            return
+        grid = self.grid
+        reach = [int(MOVE_MAX_MM // d) for d in grid.spacing[::-1]]  # (z, y, x) voxels
+        around = tuple(slice(max(s.start - r, 0), min(s.stop + r, n))
+                       for s, r, n in zip(field.sl, reach, grid.shape))
+        blocked = self.cavity_at(around) < CLIP_CAVITY_MM
+        blocked |= self.below_diaphragm(around) < KIDNEY_CLIP_DIAPHRAGM_MM
+        for other in self._all_real:
+            overlap = _overlap(around, other.sl)
+            if overlap is not None:
+                blocked[overlap[0]] |= other.values[overlap[1]] > -CARVE_GAP_MM
+        shift = _clearing_shift(field.values > 0, blocked,
+                                [s.start - a.start for s, a in zip(field.sl, around)],
+                                grid.spacing[::-1], reach)
+        if shift is None or not shift.any():
+            return
+        move_mm = shift[::-1] * grid.spacing  # (x, y, z)
+        index = 0 if side == "kidney_l" else 1
+        organ.center = organ.center + move_mm
+        p = self.p
+        p.renal_veins[index] = _drag(p.renal_veins[index], move_mm)
+        p.ureters[index] = _drag(p.ureters[index], move_mm)
+        p.renal_arteries[index] = _drag(p.renal_arteries[index][::-1], move_mm)[::-1]
+        self.moved[side] = [round(float(v), 1) for v in move_mm]
 
     def labelled_organs(self, upto: str | None = None):
+        if not self._drawn_kidneys_placed:
+            self._drawn_kidneys_placed = True
+            for side in ("kidney_l", "kidney_r"):
+                if side not in self.real_organs:
+                    self._move_clear(side)
         real_gb = self.fields.get("gallbladder") if "gallbladder" in self.fields else None
         out = super().labelled_organs(upto)
         if real_gb is not None:
             self.fields["gallbladder"] = real_gb
         elif self.fields.get("gallbladder") is not None:
             for other in self._all_real:
-                self.fields["gallbladder"].carve(other, 2.0)
+                self.fields["gallbladder"].carve(other, CARVE_GAP_MM)
         for name in list(out):
             if name in self.real_organs:
                 out[name] = self.real_organs[name]
             elif out[name] is not None:
                 for other in self._all_real:
-                    out[name].carve(other, 2.0)
+                    out[name].carve(other, CARVE_GAP_MM)
         self.fields.update(out)
         return out
 
@@ -777,6 +863,7 @@ def render_case(label_map: LabelMap, seed: int, geometry: CaseGeometry | str | N
     if info is not None:
         info.update(map=label_map.name, seed=seed, phase=patient.phase,
                     real_organs=sorted(scene.real_organs), drawn_organs=drawn_organs,
+                    moved_kidneys_mm=scene.moved,
                     lesions=lesions, augmented=augment,
                     offset_mm=[round(float(v), 1) for v in offset],
                     liver_dome_seen=fit.liver_dome_seen)
