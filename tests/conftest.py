@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import app  # noqa: E402,F401  (TensorFlow's CPU kernels as the product sets them, before TF loads)
 
 
 def shared_or_skip(path, why_needed):

@@ -1,6 +1,9 @@
 """End to end through the Predictor with the shipped weights: geometry is sacred, organs found."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ import SimpleITK as sitk
 
 from evaluation.metrics import organ_dice
 from synthetic import CaseGeometry, generate_case
+from tests.conftest import ROOT
 
 # What the shipped weights must at least reach on small generated cases (128 x 128 in-plane,
 # coarser than the 512 x 512 cases they are scored on). A misplaced or misoriented output scores
@@ -91,3 +95,19 @@ def test_real_ct_is_segmented_on_its_grid(predictor, shared_data):
     assert output.GetSize() == image.GetSize() and output.GetOrigin() == image.GetOrigin()
     scores = organ_dice(output, reference)
     assert scores["liver"] >= 0.5, scores
+
+
+@pytest.mark.parametrize("entry", ["app.cli", "training.train", "release.score_weights"])
+def test_onednn_cpu_kernels_are_on_unless_the_environment_turns_them_off(entry):
+    """TensorFlow leaves them off on AVX2-only CPUs, where they were faster (app/__init__.py)."""
+    code = (f"import {entry}, tensorflow\n"
+            "from tensorflow.python.util import _pywrap_util_port\n"
+            "print(_pywrap_util_port.IsMklEnabled())")
+    for setting, expected in ((None, "True"), ("0", "False")):
+        env = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
+        if setting is not None:
+            env["TF_ENABLE_ONEDNN_OPTS"] = setting
+        completed = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                                   capture_output=True, text=True, timeout=120)
+        assert completed.returncode == 0, completed.stderr
+        assert completed.stdout.split()[-1] == expected, (entry, setting, completed.stdout)
