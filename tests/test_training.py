@@ -169,27 +169,27 @@ def test_snapshots_are_complete_weights_folders_of_the_ema_at_their_iteration(tm
     main(["--stage", "segmentation", "--run", str(run), "--generated", "2",
           "--generated-size", "64", "--validation", "0", "--crop-size", "64", "64", "64",
           "--precision", "bfloat16", "--workers", "1", "--init-weights", str(DEFAULT_WEIGHTS_DIR),
-          "--iterations", "4", "--snapshot-every", "2", "--export", str(tmp_path / "export")])
+          "--iterations", "2", "--snapshot-every", "1", "--export", str(tmp_path / "export")])
     # writing a snapshot builds a float32 network; training's policy must survive it
     assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     snapshots = run / "snapshots"
-    assert sorted(p.name for p in snapshots.iterdir()) == ["000002", "000004"]
-    assert (snapshots / "000002" / "localization.weights.h5").read_bytes() == \
+    assert sorted(p.name for p in snapshots.iterdir()) == ["000001", "000002"]
+    assert (snapshots / "000001" / "localization.weights.h5").read_bytes() == \
         (DEFAULT_WEIGHTS_DIR / "localization.weights.h5").read_bytes()
     # the init's record, less its scores (not the snapshot's), naming run and iteration
     shipped = json.loads((DEFAULT_WEIGHTS_DIR / "weights.json").read_text())
-    record = json.loads((snapshots / "000002" / "weights.json").read_text())
+    record = json.loads((snapshots / "000001" / "weights.json").read_text())
     assert "scores" in shipped and "scores" not in record
-    assert record["segmentation"].pop("snapshot") == {"run": str(run), "iteration": 2}
+    assert record["segmentation"].pop("snapshot") == {"run": str(run), "iteration": 1}
     shipped.pop("scores")
     assert record == shipped
-    last = h5_values(snapshots / "000004" / "segmentation.weights.h5")
+    last = h5_values(snapshots / "000002" / "segmentation.weights.h5")
     exported = h5_values(tmp_path / "export" / "segmentation.weights.h5")
     assert len(last) == len(exported) > 0
     assert all(np.array_equal(a, b) for a, b in zip(last, exported))
-    earlier = h5_values(snapshots / "000002" / "segmentation.weights.h5")
+    earlier = h5_values(snapshots / "000001" / "segmentation.weights.h5")
     assert any(not np.array_equal(a, b) for a, b in zip(earlier, last))
-    Predictor(snapshots / "000002")  # app/ loads a snapshot as it is
+    Predictor(snapshots / "000001")  # app/ loads a snapshot as it is
 
 
 def test_a_short_localization_run_learns_what_held_out_cases_show(tmp_path):
