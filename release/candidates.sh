@@ -5,8 +5,9 @@
 #   bash release/candidates.sh RULE RUN N OUT [baseline|A|B|rule ...]
 #
 # RULE: loc (R-loc, a localization run) or pseudo (R-pseudo, an SCN run with pseudo-labels).
-# RUN: the training run folder (its snapshots/ every 1,000 iterations or finer). A is the EMA
-# snapshot at N, B the mean of the snapshots at N - 2,000, N - 1,000 and N. OUT receives the
+# RUN: the training run folder (its snapshots/ every 500 iterations or finer). A is the EMA
+# snapshot at N, B the mean of three snapshots: for R-loc at N - 2,000, N - 1,000 and N, for
+# R-pseudo at N - 1,000, N - 500 and N. OUT receives the
 # candidate folders (OUT/candA, OUT/candB) and the score files. Without a step list every step
 # runs; a step whose files exist is not redone, so an interrupted scoring resumes.
 set -euo pipefail
@@ -19,8 +20,8 @@ python=${PYTHON:-.venv/bin/python}
 anatomy=${ANATOMY:-../shared/anatomy}
 unlabelled=${UNLABELLED:-../shared/data/unlabelled/images}
 case $rule in
-    loc) network=localization module=release.localization_rule second=cov ;;
-    pseudo) network=segmentation module=release.pseudo_rule second=pseudo ;;
+    loc) network=localization module=release.localization_rule second=cov gap=1000 ;;
+    pseudo) network=segmentation module=release.pseudo_rule second=pseudo gap=500 ;;
     *) echo "unknown rule: $rule (loc or pseudo)" >&2; exit 2 ;;
 esac
 
@@ -61,7 +62,7 @@ for step in "${steps[@]}"; do
             score A "$out/candA" ;;
         B)
             [ -d "$out/candB" ] || "$python" -m training.average_weights --network "$network" \
-                --out "$out/candB" "$(snapshot $((n - 2000)))" "$(snapshot $((n - 1000)))" \
+                --out "$out/candB" "$(snapshot $((n - 2 * gap)))" "$(snapshot $((n - gap)))" \
                 "$(snapshot "$n")"
             score B "$out/candB" ;;
         rule)
