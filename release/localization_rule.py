@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from release.shipping_rule import mean_of, organ_means, paired_rule_main
+from release.shipping_rule import mean_of, organ_means, paired_rule_main, prefer_average
 from release.shipping_rule import conditions as anatomy_rule_conditions
 
 REAL_CASES = ("ts_example", "ts_dicom")
@@ -87,13 +87,8 @@ def choose(base: tuple[dict, dict], candidates: dict[str, tuple[dict, dict]]) ->
     """B when both pass unless A's lowest organ coverage is higher by more than 0.01."""
     passing = [name for name, (scores, coverage) in candidates.items()
                if all(holds for _, holds, _ in conditions(*base, scores, coverage))]
-    if not passing:
-        return None
-    if set(passing) == {"A", "B"}:
-        gap = (lowest_organ_coverage(candidates["A"][1])
-               - lowest_organ_coverage(candidates["B"][1]))
-        return "A" if gap > 0.01 + 1e-9 else "B"
-    return passing[0]
+    return prefer_average(passing, {name: lowest_organ_coverage(coverage)
+                                    for name, (_, coverage) in candidates.items()})
 
 
 def main(argv=None) -> int:
