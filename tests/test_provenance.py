@@ -31,6 +31,7 @@ def test_provenance_keeps_scores_notes_and_hand_recorded_fields(tmp_path):
         "scores": {"real_ct": {"x": 1}}, "notes": "hand note", "use_restrictions": "research",
         "machines": {"epyc": "2-core"}, "model_card": "weights/MODEL_CARD.md",
         "shipping_rules": [{"rule": "R-x", "outcome": "nothing ships"}],
+        "real_anatomy": {"sources_and_terms": {"btcv": "research only"}},
         "segmentation": {"iterations": 1, "learning_rate_schedule": "1e-4, then 2e-4"}}))
     main(["--weights", str(weights), "--localization-run", str(tmp_path / "loc"),
           "--segmentation-run", str(tmp_path / "scn"), "--machine", "epyc"])
@@ -39,6 +40,7 @@ def test_provenance_keeps_scores_notes_and_hand_recorded_fields(tmp_path):
     assert provenance["use_restrictions"] == "research" and provenance["machines"] == {
         "epyc": "2-core"} and provenance["model_card"] == "weights/MODEL_CARD.md"
     assert provenance["shipping_rules"] == [{"rule": "R-x", "outcome": "nothing ships"}]
+    assert provenance["real_anatomy"] == {"sources_and_terms": {"btcv": "research only"}}
     assert provenance["license"] == "Apache-2.0" and "machine" not in provenance
     assert provenance["segmentation"]["machine"] == provenance["localization"]["machine"] == "epyc"
     assert provenance["segmentation"]["iterations"] == 80  # from the run, not the old file

@@ -155,7 +155,8 @@ def main(argv=None):
                                **summary}
         if args.machine:
             provenance[network]["machine"] = args.machine
-    for kept in ("use_restrictions", "machines", "model_card", "notes", "shipping_rules", "scores"):
+    for kept in ("use_restrictions", "machines", "real_anatomy", "model_card", "notes",
+                 "shipping_rules", "scores"):
         if kept in previous:
             provenance[kept] = previous[kept]
     temporary = path.with_suffix(".json.partial")
