@@ -17,19 +17,15 @@ from __future__ import annotations
 
 from release.shipping_rule import (anatomy_merit, dsc_of, mean_of, no_organ_falls, organ_means,
                                    paired_rule_main, prefer_average, real_pancreas)
-
-# Adult organ volumes in mL (kidneys together), as the issue gives them.
-PLAUSIBLE_ML = {"liver": (1200.0, 2200.0), "kidney": (250.0, 450.0), "spleen": (100.0, 400.0),
-                "pancreas": (50.0, 110.0)}
+from training.pseudo_label import PLAUSIBLE_ADULT_ML as PLAUSIBLE_ML
+from training.pseudo_label import plausible_organs as organs_inside
 
 
 def plausible_organs(pseudo: dict) -> int:
     """Organ volumes inside PLAUSIBLE_ML, counted over every case of a pseudo_labels.json."""
     if not pseudo["cases"]:
         raise ValueError("the pseudo_labels.json lists no case")
-    return sum(low <= entry["volumes_ml"][organ] <= high
-               for entry in pseudo["cases"].values()
-               for organ, (low, high) in PLAUSIBLE_ML.items())
+    return sum(len(organs_inside(entry["volumes_ml"])) for entry in pseudo["cases"].values())
 
 
 def dicom_mean_dsc(scores: dict) -> float:

@@ -23,7 +23,9 @@ from synthetic import generate_case
 from training import augment
 from training.cases import prepare_case
 from training.losses import localization_loss, scn_loss
-from training.pseudo_label import Prediction, RECORD, main, read_folder, uncertain_mask
+from training.coverage import ALL_ORGANS
+from training.pseudo_label import (PLAUSIBLE_ADULT_ML, Prediction, RECORD, main, plausible_organs,
+                                   read_folder, uncertain_mask)
 
 MIN_PROBABILITY = 0.9
 PRECISION = "float32"  # the test computes the probabilities again in the same precision
@@ -176,9 +178,102 @@ def test_read_folder_lists_the_recorded_cases_with_their_files(pseudo_folder):
     _, out, _, _ = pseudo_folder
     cases = read_folder(out)
     assert [name for name, *_ in cases] == [f"case{seed}" for seed in SEEDS]
-    name, image, labels, ignore, digests = cases[0]
+    name, image, labels, ignore, digests, covered = cases[0]
     assert image == out / "images" / f"{name}_0000.nii.gz" and ignore.is_file()
     assert set(digests) == {"labels", "ignore"}
+    # without --plausible-only every organ is covered, and the record says so
+    record = json.loads((out / RECORD).read_text())
+    assert covered == ALL_ORGANS and record["covered"] == {"rule": "every organ"}
+    assert record["cases"][name]["covered"] == list(method.LABELS.values())
+
+
+def test_plausible_organs_are_those_inside_the_adult_ranges():
+    inside = {organ: (low + high) / 2 for organ, (low, high) in PLAUSIBLE_ADULT_ML.items()}
+    assert plausible_organs(inside) == list(PLAUSIBLE_ADULT_ML)
+    edges = {organ: low for organ, (low, _) in PLAUSIBLE_ADULT_ML.items()}
+    assert plausible_organs(edges) == list(PLAUSIBLE_ADULT_ML)  # the range includes its ends
+    shipped_pancreas = dict(inside, pancreas=48.0, spleen=401.0)  # too small, too large
+    assert plausible_organs(shipped_pancreas) == ["liver", "kidney"]
+
+
+def test_plausible_only_records_the_organs_each_case_covers(pseudo_folder, tmp_path):
+    """The command with --plausible-only: each case covers exactly the organs its own
+    predicted volumes make plausible, and read_folder hands training those label ids. The case
+    is a generated patient shrunk to 0.85 of its size (its voxels' spacing), so that some organs
+    are too small to be an adult's."""
+    images, _, _, _ = pseudo_folder
+    single = tmp_path / "in"
+    single.mkdir()
+    name = f"case{SEEDS[0]}"
+    image = sitk.ReadImage(str(images / f"{name}_0000.nii.gz"))
+    image.SetSpacing([0.85 * spacing for spacing in image.GetSpacing()])
+    sitk.WriteImage(image, str(single / f"{name}_0000.nii.gz"))
+    out = tmp_path / "out"
+    assert main([str(single), "--weights", str(DEFAULT_WEIGHTS_DIR), "--out", str(out),
+                 "--precision", PRECISION, "--plausible-only"]) == 0
+    record = json.loads((out / RECORD).read_text())
+    assert record["covered"]["rule"] == "plausible adult volume"
+    entry = record["cases"][name]
+    expected = [organ for organ, (low, high) in PLAUSIBLE_ADULT_ML.items()
+                if low <= entry["volumes_ml"][organ] <= high]
+    assert entry["covered"] == expected
+    assert 0 < len(expected) < len(PLAUSIBLE_ADULT_ML), entry["volumes_ml"]  # a case that tells
+    ids = {organ: label for label, organ in method.LABELS.items()}
+    [(_, *_, covered)] = read_folder(out)
+    assert covered == tuple(sorted(ids[organ] for organ in expected))
+
+
+def edited_record(pseudo_folder, tmp_path, covered_by_case):
+    """A copy of the pseudo-label folder whose record gives the cases this coverage."""
+    import shutil
+
+    _, out, _, _ = pseudo_folder
+    copy = tmp_path / "pseudo"
+    shutil.copytree(out, copy)
+    record = json.loads((copy / RECORD).read_text())
+    for name, covered in covered_by_case.items():
+        record["cases"][name]["covered"] = covered
+    (copy / RECORD).write_text(json.dumps(record))
+    return copy
+
+
+def test_read_folder_reads_a_case_covering_some_or_no_organ_and_names_a_bad_entry(
+        pseudo_folder, tmp_path):
+    folder = edited_record(pseudo_folder, tmp_path, {"case1": ["liver", "spleen"], "case2": []})
+    assert [case[-1] for case in read_folder(folder)] == [(1, 3), ()]
+    record = json.loads((folder / RECORD).read_text())
+    del record["cases"]["case2"]["covered"]  # a record written before coverage was recorded
+    record["cases"]["case1"]["covered"] = ["liver", "gallbladder"]
+    (folder / RECORD).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"pseudo_labels\.json.*case1.*gallbladder"):
+        read_folder(folder)
+    del record["cases"]["case1"]
+    (folder / RECORD).write_text(json.dumps(record))
+    assert [case[-1] for case in read_folder(folder)] == [ALL_ORGANS]
+
+
+def test_training_takes_each_pseudo_case_with_its_coverage_and_leaves_out_one_with_none(
+        pseudo_folder, tmp_path, capsys):
+    import argparse
+
+    from training.train import prepare_pseudo_cases
+
+    folder = edited_record(pseudo_folder, tmp_path, {"case1": ["liver", "kidney"], "case2": []})
+    args = argparse.Namespace(pseudo=[folder], cache=tmp_path / "cache", run=tmp_path / "run",
+                              stage="segmentation", workers=1)
+    cases = prepare_pseudo_cases(args)
+    assert [(case.name, case.covered) for case in cases] == [("case1", (1, 2))]
+    assert case_left_out("case2") in capsys.readouterr().out
+    # the cache entry is the files' content: another coverage of the same files reuses it
+    again = edited_record(pseudo_folder, tmp_path / "again", {"case1": ["pancreas"]})
+    args.pseudo = [again]
+    cases = prepare_pseudo_cases(args)
+    assert [(case.name, case.covered) for case in cases] == [("case1", (4,)), ("case2", ALL_ORGANS)]
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def case_left_out(name):
+    return f"warning: pseudo-labelled case left out: {name}: its labels cover no organ"
 
 
 def phantom_with_ignore():

@@ -67,6 +67,18 @@ def trained_iterations(run):
     return int(rows[-1]["iteration"]) if rows else 0
 
 
+def real_shares(args):
+    """The run's share of real samples, and each --data folder's when it gave one per folder
+    (``--data-weight`` was one number before it took one per folder)."""
+    shares = args["data_weight"] if isinstance(args["data_weight"], list) else [args["data_weight"]]
+    if not args["data"]:
+        return {"real_sample_share": 0.0}
+    summary = {"real_sample_share": round(sum(shares), 6)}
+    if len(shares) > 1:
+        summary["real_sample_share_per_folder"] = dict(zip(args["data"], shares))
+    return summary
+
+
 def run_summary(run):
     args = json.loads((run / "args.json").read_text())
     iterations = trained_iterations(run)
@@ -76,7 +88,7 @@ def run_summary(run):
         "generated_training_cases": args["generated"],
         "generated_in_plane_size": args["generated_size"],
         "real_training_data": args["data"],
-        "real_sample_share": args["data_weight"] if args["data"] else 0.0,
+        **real_shares(args),
         "crop_size_zyx": args["crop_size"],
         "learning_rate": args["learning_rate"],
         "ema_decay": args["ema_decay"],

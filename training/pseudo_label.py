@@ -1,7 +1,8 @@
 """Pseudo-labels on unlabelled CT: a FLARE-layout folder that training reads as a source.
 
     python -m training.pseudo_label IMAGES --weights DIR --out DIR [--min-probability P]
-                                    [--second-weights DIR2] [--precision {float32,bfloat16}]
+                                    [--second-weights DIR2] [--plausible-only]
+                                    [--precision {float32,bfloat16}]
 
 Every case that app's input discovery finds in IMAGES (app.io.survey: FLARE ``NAME_0000.nii.gz``,
 other .nii.gz/.nii/.mha/.mhd/.nrrd files, DICOM series folders) is segmented with the weights of
@@ -20,8 +21,15 @@ other .nii.gz/.nii/.mha/.mhd/.nrrd files, DICOM series folders) is segmented wit
   the voxels are background with certainty (the localization ROI holds the organs: inference
   writes background there without a probability) and are never ignored by the threshold;
 - ``pseudo_labels.json``: the weights folders with a summary of their weights.json, the
-  thresholds, and per case the organ volumes (mL), the ignored share and the files' SHA-256
-  (training names its cache entries by them, so a new round is never served an old cache).
+  thresholds, and per case the organ volumes (mL), the organs its labels cover, the ignored
+  share and the files' SHA-256 (training names its cache entries by them, so a new round is
+  never served an old cache).
+
+Every organ is covered unless ``--plausible-only``: then a case covers only the organs whose
+predicted volume lies in the plausible adult range (``PLAUSIBLE_ADULT_ML``). Training leaves an
+uncovered organ out of that case's losses, as for a partial label (training/losses.py): a
+segmentation too small or too large to be right is neither learned nor unlearned, and the
+voxels the network missed are not taught as background.
 
 A case is listed in pseudo_labels.json only once its three files are complete: they are staged
 in a hidden temporary folder of OUT, verified, then renamed into place (image last), and the
@@ -54,6 +62,10 @@ from app.segmentation import labels_on_roi, paste
 # "Pseudo-labels"): 0.9 ignores 76 % of the wrong voxels and 17 % of the organ voxels, leaving
 # 2.7 % of the kept organ voxels wrong (9.5 % ignoring none); 0.95 catches 87 % but ignores 30 %.
 DEFAULT_MIN_PROBABILITY = 0.9
+# Adult organ volumes in mL (both kidneys together), the ranges of the pseudo-label issue (#27);
+# keys as app.cli.organ_volumes_ml names the organs.
+PLAUSIBLE_ADULT_ML = {"liver": (1200.0, 2200.0), "kidney": (250.0, 450.0),
+                      "spleen": (100.0, 400.0), "pancreas": (50.0, 110.0)}
 RECORD = "pseudo_labels.json"
 FOLDERS = ("images", "labels", "ignore")
 IMAGE_SUFFIX = image_io.FLARE_SUFFIX
@@ -73,6 +85,11 @@ def parse_args(argv=None):
     parser.add_argument("--second-weights", type=Path, default=None,
                         help="a second weights folder: voxels where its label differs are "
                              "ignored too")
+    parser.add_argument("--plausible-only", action="store_true",
+                        help="a case's labels cover only the organs whose predicted volume is "
+                             "a plausible adult one (liver 1,200-2,200 mL, kidneys together "
+                             "250-450, spleen 100-400, pancreas 50-110); training leaves the "
+                             "others out of its losses. For adult cohorts")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="the networks' precision (default: app's, bfloat16 on CPUs with "
                              "native bfloat16)")
@@ -254,7 +271,13 @@ def write_record(path, record):
     os.replace(temporary, path)
 
 
-def pseudo_label_case(predictor, second, case, out, min_probability):
+def plausible_organs(volumes_ml):
+    """Names of the organs whose volume (mL, ``organ_volumes_ml``) lies in PLAUSIBLE_ADULT_ML."""
+    return [organ for organ, (low, high) in PLAUSIBLE_ADULT_ML.items()
+            if low <= volumes_ml[organ] <= high]
+
+
+def pseudo_label_case(predictor, second, case, out, min_probability, plausible_only=False):
     """Read, segment and write one case; returns its pseudo_labels.json entry."""
     from app.cli import organ_volumes_ml
 
@@ -267,13 +290,15 @@ def pseudo_label_case(predictor, second, case, out, min_probability):
     labels = sitk.GetArrayViewFromImage(prediction.labels)
     ignored = sitk.GetArrayViewFromImage(ignore).astype(bool)
     organ = labels > 0
+    volumes = organ_volumes_ml(prediction.labels)
     entry = {
         "input": str(case.path),
         "image": str(files["image"].relative_to(out)),
         "labels": str(files["labels"].relative_to(out)),
         "ignore": str(files["ignore"].relative_to(out)),
         "size_xyz": list(image.GetSize()),
-        "volumes_ml": organ_volumes_ml(prediction.labels),
+        "volumes_ml": volumes,
+        "covered": plausible_organs(volumes) if plausible_only else list(method.LABELS.values()),
         "ignored_share": round(float(ignored.mean()), 6),
         "ignored_share_of_organ_voxels": round(float(ignored[organ].mean()), 6)
         if organ.any() else None,
@@ -292,7 +317,7 @@ def pseudo_label_case(predictor, second, case, out, min_probability):
 
 
 def run(images, out, weights_dir=None, min_probability=DEFAULT_MIN_PROBABILITY,
-        second_weights=None, precision=None):
+        second_weights=None, precision=None, plausible_only=False):
     """Pseudo-label every case of ``images`` into ``out``; returns the record written to
     ``out/pseudo_labels.json`` (failed cases under "failed" with their message).
 
@@ -323,13 +348,16 @@ def run(images, out, weights_dir=None, min_probability=DEFAULT_MIN_PROBABILITY,
                    "min_probability" + (", or the second weights' label differs"
                                         if second_weights else ""),
         "outside_roi": "background with certainty (never ignored by the threshold)",
+        "covered": ({"rule": "plausible adult volume", "ranges_ml": PLAUSIBLE_ADULT_ML}
+                    if plausible_only else {"rule": "every organ"}),
         "cases": {},
         "failed": {},
     }
     path = out / RECORD
     for case in cases:
         try:
-            entry = pseudo_label_case(predictor, second, case, out, min_probability)
+            entry = pseudo_label_case(predictor, second, case, out, min_probability,
+                                      plausible_only)
         except Exception as error:  # one bad case must not stop the rest
             from app.cli import with_path
 
@@ -338,17 +366,23 @@ def run(images, out, weights_dir=None, min_probability=DEFAULT_MIN_PROBABILITY,
         else:
             record["cases"][case.name] = entry
             volumes = ", ".join(f"{k} {v:.0f}" for k, v in entry["volumes_ml"].items())
-            print(f"{case.name}: {volumes} mL; ignored {100 * entry['ignored_share']:.2f} % of "
-                  f"the voxels ({entry['seconds']:.1f} s)", flush=True)
+            uncovered = [organ for organ in entry["volumes_ml"] if organ not in entry["covered"]]
+            print(f"{case.name}: {volumes} mL"
+                  + (f" (not covered: {', '.join(uncovered)})" if uncovered else "")
+                  + f"; ignored {100 * entry['ignored_share']:.2f} % of the voxels "
+                  f"({entry['seconds']:.1f} s)", flush=True)
         write_record(path, record)
     return record
 
 
 def read_folder(folder):
-    """[(name, image path, label path, ignore path, {"labels": sha256, "ignore": sha256})] of a
-    pseudo-label folder, the cases its pseudo_labels.json lists (files a failed or older run
-    left are not cases). Raises ValueError naming the file when it or a listed file is
-    missing."""
+    """[(name, image path, label path, ignore path, {"labels": sha256, "ignore": sha256},
+    covered label ids)] of a pseudo-label folder, the cases its pseudo_labels.json lists (files a
+    failed or older run left are not cases; a case recorded without "covered" covers every
+    organ, one whose list is empty none). Raises ValueError naming the file when it or a listed
+    file is missing or a case's coverage is not a list of organs."""
+    from training.coverage import ALL_ORGANS, DeclarationError, parse_organs
+
     folder = Path(folder)
     path = folder / RECORD
     if not path.is_file():
@@ -365,7 +399,14 @@ def read_folder(folder):
         for file in files:
             if not file.is_file():
                 raise ValueError(f"{path}: case {name}: {file} is missing")
-        cases.append((name, *files, entry["sha256"]))
+        covered = entry.get("covered", ALL_ORGANS)
+        try:  # an empty list: no organ plausible, the case teaches nothing
+            covered = (parse_organs(list(covered), f"{path}, case {name!r}, \"covered\"")
+                       if covered else ())
+        except (DeclarationError, TypeError) as error:
+            raise ValueError(f"{path}, case {name!r}: \"covered\" is not a list of organs "
+                             f"({error})") from None
+        cases.append((name, *files, entry["sha256"], covered))
     return cases
 
 
@@ -374,7 +415,7 @@ def main(argv=None):
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         record = run(args.images, args.out, args.weights, args.min_probability,
-                     args.second_weights, args.precision)
+                     args.second_weights, args.precision, args.plausible_only)
     except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -42,8 +42,12 @@ def parse_args(argv=None):
     parser.add_argument("--cache", type=Path, default=None,
                         help="folder of prepared cases, shareable between runs "
                              "(default: RUN/cache)")
-    parser.add_argument("--data-weight", type=float, default=0.2,
-                        help="share of samples drawn from --data cases (rest: generated)")
+    parser.add_argument("--data-weight", type=float, nargs="+", default=[0.2],
+                        metavar="SHARE",
+                        help="share of samples drawn from --data cases (rest: generated), "
+                             "each case as often as another; or one share per --data folder, "
+                             "in their order, each folder's cases drawn evenly within its share "
+                             "(e.g. a fully labelled folder more often than a liver-only one)")
     parser.add_argument("--generated", type=int, default=40, help="generated training cases")
     parser.add_argument("--generated-size", type=int, default=256,
                         help="in-plane voxels of generated training cases")
@@ -93,7 +97,13 @@ def parse_args(argv=None):
                         help="train on these devices with tf.distribute.MirroredStrategy, one "
                              "sample each per iteration (e.g. /gpu:0 /gpu:1); default: every GPU "
                              "when there are several, else the one default device")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(args.data_weight) not in (1, len(args.data)):
+        parser.error(f"--data-weight: {len(args.data_weight)} shares for {len(args.data)} "
+                     "--data folders: give one share in all or one per folder")
+    if any(share < 0 for share in args.data_weight) or sum(args.data_weight) > 1:
+        parser.error(f"--data-weight: shares {args.data_weight} must be >= 0 and sum to <= 1")
+    return args
 
 
 GENERATED_SEED_OFFSET = {"train": 1_000_000, "validation": 2_000_000}
@@ -187,9 +197,11 @@ def prepare_pseudo_cases(args):
 
     Each is cached as ``pseudo_NAME_DIGEST``, DIGEST from the SHA-256 of its label and ignore
     files that pseudo_labels.json records: a later round's labels of the same image get a cache
-    entry of their own. A case whose labels hold no organ cannot give a training ROI and is left
-    out with a warning.
+    entry of their own. Each covers the organs the record says (``--plausible-only``). A case
+    whose labels hold no organ cannot give a training ROI, and one that covers none teaches
+    nothing: both are left out with a warning.
     """
+    import dataclasses
     import hashlib
 
     from training.cases import load_case
@@ -199,14 +211,20 @@ def prepare_pseudo_cases(args):
     cache = args.cache or args.run / "cache"
     found = [case for folder in args.pseudo for case in read_folder(folder)]
 
-    def prepared(name, image, labels, ignore, digests):
+    def prepared(name, image, labels, ignore, digests, covered):
+        if not covered:
+            print(f"warning: pseudo-labelled case left out: {name}: its labels cover no organ",
+                  flush=True)
+            return None
         key = hashlib.sha256((digests["labels"] + digests["ignore"]).encode()).hexdigest()[:16]
         try:
-            return cached(cache, f"pseudo_{name}_{key}", lambda: load_case(
-                name, image, labels, ignore_path=ignore), args.stage)
+            case = cached(cache, f"pseudo_{name}_{key}", lambda: load_case(
+                name, image, labels, covered, ignore_path=ignore), args.stage)
         except ValueError as error:  # prepare_case: no organ voxels
             print(f"warning: pseudo-labelled case left out: {error}", flush=True)
             return None
+        # the record's coverage wins over a cache entry's (the key is the files' content)
+        return case if case.covered == covered else dataclasses.replace(case, covered=covered)
 
     with ThreadPoolExecutor(args.workers) as pool:
         cases = list(pool.map(lambda case: prepared(*case), found))
@@ -233,6 +251,34 @@ def pick_pool(rng, real, anatomy, generated, data_weight, anatomy_weight, pseudo
         if not generated or rng.uniform() * rest < anatomy_weight:
             return anatomy
     return generated
+
+
+def folder_shares(folders, shares, real):
+    """[(share, cases)] per --data folder, the training cases ``real`` split by the folder
+    their name was found in, when each folder has its own share; None for one share in all."""
+    if len(shares) == 1:
+        return None
+    from training.cases import find_cases
+
+    groups = []
+    for folder, share in zip(folders, shares):
+        names = {name for name, _, _ in find_cases(folder)}
+        cases = [case for case in real if case.name in names]
+        if share > 0 and not cases:
+            raise ValueError(f"--data {folder}: share {share} but no training case")
+        groups.append((share, cases))
+    return groups
+
+
+def pick_real_case(rng, real, groups):
+    """One --data case: evenly among all, or (``groups`` from ``folder_shares``) a folder by its
+    share of the real samples, then evenly within it. One share in all draws as earlier runs
+    did, so they resume alike."""
+    if groups is None:
+        return real[rng.integers(len(real))]
+    shares = np.array([share for share, _ in groups])
+    _, cases = groups[rng.choice(len(groups), p=shares / shares.sum())]
+    return cases[rng.integers(len(cases))]
 
 
 def sample_dataset(make_sample, seed, workers, first_index=0, depth=6, with_coverage=False,
@@ -386,6 +432,7 @@ def train(args: argparse.Namespace):
     start_time = time.time()
     real, generated, validation, anatomy = prepare_cases(args)
     pseudo = prepare_pseudo_cases(args) if args.pseudo else []
+    real_groups = folder_shares(args.data, args.data_weight, real)
     print(f"{len(real)} real + {len(anatomy)} real-anatomy + {len(generated)} generated "
           + (f"+ {len(pseudo)} pseudo-labelled " if args.pseudo else "")
           + f"training cases, {len(validation)} validation cases "
@@ -396,9 +443,10 @@ def train(args: argparse.Namespace):
     with_ignore = bool(pseudo)
 
     def make_sample(rng):
-        pool = pick_pool(rng, real, anatomy, generated, args.data_weight, args.anatomy_weight,
-                         pseudo, args.pseudo_weight)
-        case = pool[rng.integers(len(pool))]
+        pool = pick_pool(rng, real, anatomy, generated, sum(args.data_weight),
+                         args.anatomy_weight, pseudo, args.pseudo_weight)
+        case = (pick_real_case(rng, real, real_groups) if pool is real
+                else pool[rng.integers(len(pool))])
         if segmentation:
             image, labels, *ignore = augment.segmentation_sample(
                 case, rng, args.crop_size, with_ignore=with_ignore)
