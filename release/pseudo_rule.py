@@ -18,14 +18,14 @@ from __future__ import annotations
 from release.shipping_rule import (anatomy_merit, dsc_of, mean_of, no_organ_falls, organ_means,
                                    paired_rule_main, prefer_average, real_pancreas)
 from training.pseudo_label import PLAUSIBLE_ADULT_ML as PLAUSIBLE_ML
-from training.pseudo_label import plausible_organs as organs_inside
+from training.pseudo_label import plausible_organs
 
 
-def plausible_organs(pseudo: dict) -> int:
+def plausible_count(pseudo: dict) -> int:
     """Organ volumes inside PLAUSIBLE_ML, counted over every case of a pseudo_labels.json."""
     if not pseudo["cases"]:
         raise ValueError("the pseudo_labels.json lists no case")
-    return sum(len(organs_inside(entry["volumes_ml"])) for entry in pseudo["cases"].values())
+    return sum(len(plausible_organs(entry["volumes_ml"])) for entry in pseudo["cases"].values())
 
 
 def dicom_mean_dsc(scores: dict) -> float:
@@ -62,7 +62,7 @@ def conditions(base_scores: dict, base_pseudo: dict, scores: dict,
     out.append(no_organ_falls("6. generated: no organ's mean DSC falls > 0.015",
                               organ_means(base_scores["generated_unseen"], "dsc"),
                               organ_means(scores["generated_unseen"], "dsc"), 0.015))
-    count_b, count_c = plausible_organs(base_pseudo), plausible_organs(pseudo)
+    count_b, count_c = plausible_count(base_pseudo), plausible_count(pseudo)
     volumes = "; ".join(", ".join(f"{organ} {entry['volumes_ml'][organ]:.0f}"
                                   for organ in PLAUSIBLE_ML) for entry in pseudo["cases"].values())
     out.append(("7. unlabelled CT: organs with plausible volumes do not fall", count_c >= count_b,

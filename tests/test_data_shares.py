@@ -42,8 +42,9 @@ def test_each_folder_gets_its_share_and_its_cases_evenly(tmp_path):
     liver_only = flare_folder(tmp_path / "partial", ["chaos"])
     real = cases("chaos", "ts_a", "ts_b")
     groups = folder_shares([full, liver_only], [0.1, 0.05], real)
-    assert [(share, [case.name for case in group]) for share, group in groups] == [
-        (0.1, ["ts_a", "ts_b"]), (0.05, ["chaos"])]
+    probabilities, folders = groups
+    assert probabilities == pytest.approx([2 / 3, 1 / 3])
+    assert [[case.name for case in folder] for folder in folders] == [["ts_a", "ts_b"], ["chaos"]]
     rng = np.random.default_rng(0)
     draws = [pick_real_case(rng, real, groups).name for _ in range(30000)]
     shares = {name: draws.count(name) / len(draws) for name in ("ts_a", "ts_b", "chaos")}
@@ -67,7 +68,8 @@ def test_a_folder_with_a_share_but_no_training_case_is_an_error_naming_it(tmp_pa
     empty = flare_folder(tmp_path / "empty", [])
     with pytest.raises(ValueError, match="empty.*share 0.05 but no training case"):
         folder_shares([full, empty], [0.1, 0.05], cases("ts_a"))
-    assert folder_shares([full, empty], [0.1, 0.0], cases("ts_a"))[1] == (0.0, [])
+    probabilities, folders = folder_shares([full, empty], [0.1, 0.0], cases("ts_a"))
+    assert list(probabilities) == [1.0, 0.0] and folders[1] == []
 
 
 def test_the_run_summary_keeps_the_total_and_each_folder_share():

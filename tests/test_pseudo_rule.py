@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from release.pseudo_rule import choose, conditions, main, plausible_organs
+from release.pseudo_rule import choose, conditions, main, plausible_count
 from tests.test_shipping_rule import scores
 
 
@@ -64,13 +64,13 @@ def test_each_condition_can_fail():
 
 
 def test_plausible_volumes_are_counted_per_organ_and_case():
-    assert plausible_organs(pseudo()) == 3  # pancreas 40 mL is below 50
-    assert plausible_organs(pseudo(pancreas=50.0)) == 4
+    assert plausible_count(pseudo()) == 3  # pancreas 40 mL is below 50
+    assert plausible_count(pseudo(pancreas=50.0)) == 4
     two = pseudo(liver=900.0)
     two["cases"]["second"] = pseudo()["cases"]["scan"]
-    assert plausible_organs(two) == 5
+    assert plausible_count(two) == 5
     with pytest.raises(ValueError, match="no case"):
-        plausible_organs({"cases": {}, "failed": {"scan": "unreadable"}})
+        plausible_count({"cases": {}, "failed": {"scan": "unreadable"}})
 
 
 def test_choice_prefers_the_average_unless_the_snapshot_is_clearly_better(tmp_path, capsys):

@@ -14,7 +14,7 @@ uncertain voxel): it is resampled as the labels are (nearest neighbour) and the 
 voxels out. Cases without one carry None.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,12 @@ def case_coverage(folder):
     Raises coverage.DeclarationError naming the file for a bad declaration."""
     declarations = folder_declarations(folder)
     return {name: covered_organs(declarations, name) for name, _, _ in find_cases(folder)}
+
+
+def covering(case, covered):
+    """``case`` covering ``covered``: a declaration (labelled.json, a pseudo-label record) wins
+    over what a cache entry of the same files was prepared with."""
+    return case if case.covered == tuple(covered) else replace(case, covered=tuple(covered))
 
 
 def _labels_on(labels, grid):

@@ -381,7 +381,7 @@ def read_folder(folder):
     failed or older run left are not cases; a case recorded without "covered" covers every
     organ, one whose list is empty none). Raises ValueError naming the file when it or a listed
     file is missing or a case's coverage is not a list of organs."""
-    from training.coverage import ALL_ORGANS, DeclarationError, parse_organs
+    from training.coverage import ALL_ORGANS, parse_organs
 
     folder = Path(folder)
     path = folder / RECORD
@@ -399,13 +399,13 @@ def read_folder(folder):
         for file in files:
             if not file.is_file():
                 raise ValueError(f"{path}: case {name}: {file} is missing")
-        covered = entry.get("covered", ALL_ORGANS)
-        try:  # an empty list: no organ plausible, the case teaches nothing
-            covered = (parse_organs(list(covered), f"{path}, case {name!r}, \"covered\"")
-                       if covered else ())
-        except (DeclarationError, TypeError) as error:
-            raise ValueError(f"{path}, case {name!r}: \"covered\" is not a list of organs "
-                             f"({error})") from None
+        covered = entry.get("covered")
+        if covered is None:
+            covered = ALL_ORGANS
+        elif covered == []:  # no organ plausible: the case teaches nothing
+            covered = ()
+        else:  # a DeclarationError (a ValueError) names the file, the case and the value
+            covered = parse_organs(covered, f"{path}, case {name!r}, \"covered\"")
         cases.append((name, *files, entry["sha256"], covered))
     return cases
 

@@ -129,9 +129,7 @@ def prepare_cases(args):
     covers the organs its folder's declaration names (all when undeclared); the declaration
     wins over a cached case's coverage.
     """
-    import dataclasses
-
-    from training.cases import case_coverage, find_cases, load_case, prepare_case
+    from training.cases import case_coverage, covering, find_cases, load_case, prepare_case
     from training.store import cached
 
     cache = args.cache or args.run / "cache"
@@ -162,8 +160,7 @@ def prepare_cases(args):
         cases = [cached(cache, name, lambda n=name, i=image, path=label: load_case(
                      n, i, path, coverage[n]), args.stage)
                  for name, image, label in found if name in names]
-        return [case if case.covered == coverage[case.name]
-                else dataclasses.replace(case, covered=coverage[case.name]) for case in cases]
+        return [covering(case, coverage[case.name]) for case in cases]
 
     anatomy_train, anatomy_validation = [], []
     if args.anatomy:
@@ -201,10 +198,9 @@ def prepare_pseudo_cases(args):
     whose labels hold no organ cannot give a training ROI, and one that covers none teaches
     nothing: both are left out with a warning.
     """
-    import dataclasses
     import hashlib
 
-    from training.cases import load_case
+    from training.cases import covering, load_case
     from training.pseudo_label import read_folder
     from training.store import cached
 
@@ -219,12 +215,11 @@ def prepare_pseudo_cases(args):
         key = hashlib.sha256((digests["labels"] + digests["ignore"]).encode()).hexdigest()[:16]
         try:
             case = cached(cache, f"pseudo_{name}_{key}", lambda: load_case(
-                name, image, labels, covered, ignore_path=ignore), args.stage)
+                name, image, labels, ignore_path=ignore), args.stage)
         except ValueError as error:  # prepare_case: no organ voxels
             print(f"warning: pseudo-labelled case left out: {error}", flush=True)
             return None
-        # the record's coverage wins over a cache entry's (the key is the files' content)
-        return case if case.covered == covered else dataclasses.replace(case, covered=covered)
+        return covering(case, covered)  # the cache key is the files' content
 
     with ThreadPoolExecutor(args.workers) as pool:
         cases = list(pool.map(lambda case: prepared(*case), found))
@@ -254,8 +249,9 @@ def pick_pool(rng, real, anatomy, generated, data_weight, anatomy_weight, pseudo
 
 
 def folder_shares(folders, shares, real):
-    """[(share, cases)] per --data folder, the training cases ``real`` split by the folder
-    their name was found in, when each folder has its own share; None for one share in all."""
+    """(probabilities, [cases]) per --data folder when each folder has its own share: the
+    training cases ``real`` split by the folder their name was found in, each folder drawn with
+    its share of the real samples; None for one share in all."""
     if len(shares) == 1:
         return None
     from training.cases import find_cases
@@ -266,19 +262,19 @@ def folder_shares(folders, shares, real):
         cases = [case for case in real if case.name in names]
         if share > 0 and not cases:
             raise ValueError(f"--data {folder}: share {share} but no training case")
-        groups.append((share, cases))
-    return groups
+        groups.append(cases)
+    return np.asarray(shares) / sum(shares), groups
 
 
 def pick_real_case(rng, real, groups):
     """One --data case: evenly among all, or (``groups`` from ``folder_shares``) a folder by its
-    share of the real samples, then evenly within it. One share in all draws as earlier runs
-    did, so they resume alike."""
+    share, then evenly within it. One share in all draws as earlier runs did, so they resume
+    alike."""
     if groups is None:
         return real[rng.integers(len(real))]
-    shares = np.array([share for share, _ in groups])
-    _, cases = groups[rng.choice(len(groups), p=shares / shares.sum())]
-    return cases[rng.integers(len(cases))]
+    probabilities, cases = groups
+    folder = cases[rng.choice(len(cases), p=probabilities)]
+    return folder[rng.integers(len(folder))]
 
 
 def sample_dataset(make_sample, seed, workers, first_index=0, depth=6, with_coverage=False,
