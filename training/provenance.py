@@ -91,10 +91,24 @@ def run_summary(run):
         **real_shares(args),
         "crop_size_zyx": args["crop_size"],
         "learning_rate": args["learning_rate"],
+        **learning_rate_schedule(args),
         "ema_decay": args["ema_decay"],
         "precision": args["precision"],
         "last_validation": last_validation(run / "log.csv", iterations),
     }
+
+
+def learning_rate_schedule(args):
+    """The run's warm-up and decay of its learning rate (training.train --warm-up, --decay), only
+    those it used: a run without them (and any run older than them) trained at one rate."""
+    schedule = {}
+    if args.get("warm_up"):
+        schedule["warm_up_iterations"] = args["warm_up"]
+    if args.get("decay"):
+        first, last = args["decay"]
+        schedule["learning_rate_decay"] = {"cosine_from_iteration": first, "to_iteration": last,
+                                           "final_learning_rate": args["final_learning_rate"]}
+    return schedule
 
 
 # Our weights: NOTICE. The published weights that release.import_weights converts are GPL-3.0.
@@ -102,6 +116,7 @@ def run_summary(run):
 LICENSE = "Apache-2.0"
 RUN_FIELDS = ("iterations", "training_wall_seconds", "generated_training_cases", "learning_rate",
               "precision")
+SCHEDULE_FIELDS = ("warm_up_iterations", "learning_rate_decay")  # only where a run used them
 
 
 def chain_summary(runs, recorded=None):
@@ -111,7 +126,8 @@ def chain_summary(runs, recorded=None):
     continues; its ``runs`` list (or the entry itself, as one run) heads the chain.
     """
     summaries = [run_summary(run) for run in runs]
-    chain = [{"run": run.name, **{k: s[k] for k in RUN_FIELDS}} for run, s in zip(runs, summaries)]
+    chain = [{"run": run.name, **{k: s[k] for k in RUN_FIELDS + SCHEDULE_FIELDS if k in s}}
+             for run, s in zip(runs, summaries)]
     if recorded is not None:
         if "iterations" not in recorded or "training_wall_seconds" not in recorded:
             raise ValueError("--extend: weights.json records no iterations and wall time for "

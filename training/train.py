@@ -13,6 +13,7 @@ iteration, random state), a CSV log and the cache of prepared cases.
 import argparse
 import csv
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,6 +75,15 @@ def parse_args(argv=None):
                              "localization crop")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="Adam learning rate (default: 1e-4 SCN, 1e-5 localization)")
+    parser.add_argument("--warm-up", type=int, default=0, metavar="ITERATIONS",
+                        help="raise the learning rate linearly from 0 over the run's first "
+                             "ITERATIONS steps (a fine-tune's fresh Adam state takes full-size "
+                             "steps from its first moments otherwise)")
+    parser.add_argument("--decay", type=int, nargs=2, default=None, metavar=("FROM", "TO"),
+                        help="cosine decay of the learning rate from the run's iteration FROM "
+                             "to TO, down to --final-learning-rate, held there after TO")
+    parser.add_argument("--final-learning-rate", type=float, default=None,
+                        help="the learning rate that --decay ends at")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="mixed precision: bfloat16 is faster on CPUs with AVX512-BF16 but "
@@ -103,7 +113,32 @@ def parse_args(argv=None):
                      "--data folders: give one share in all or one per folder")
     if any(share < 0 for share in args.data_weight) or sum(args.data_weight) > 1:
         parser.error(f"--data-weight: shares {args.data_weight} must be >= 0 and sum to <= 1")
+    if args.warm_up < 0:
+        parser.error(f"--warm-up: {args.warm_up} iterations, must be >= 0")
+    if (args.decay is None) != (args.final_learning_rate is None):
+        parser.error("--decay and --final-learning-rate go together")
+    if args.decay is not None:
+        first, last = args.decay
+        if not args.warm_up <= first < last:
+            parser.error(f"--decay {first} {last}: needs --warm-up ({args.warm_up}) <= FROM < TO")
+        if args.final_learning_rate < 0:
+            parser.error(f"--final-learning-rate: {args.final_learning_rate}, must be >= 0")
     return args
+
+
+def scheduled_learning_rate(step, rate, warm_up=0, decay=None, final_rate=None):
+    """The learning rate of the run's training step ``step`` (0 for its first): linear warm-up
+    to ``rate`` over ``warm_up`` steps, ``rate`` until ``decay[0]``, a half cosine down to
+    ``final_rate`` at ``decay[1]``, ``final_rate`` after."""
+    if step < warm_up:
+        return rate * (step + 1) / warm_up
+    if decay is None or step < decay[0]:
+        return rate
+    first, last = decay
+    if step >= last:
+        return final_rate
+    return final_rate + (rate - final_rate) * 0.5 * (1.0 + math.cos(math.pi * (step - first)
+                                                                     / (last - first)))
 
 
 GENERATED_SEED_OFFSET = {"train": 1_000_000, "validation": 2_000_000}
@@ -478,7 +513,11 @@ def train(args: argparse.Namespace):
             progress.write(f"iteration 0: validation {scores}")
             writer.writerow([0, "", 0.0, scores])
             log.flush()
+        scheduled = args.warm_up or args.decay
         while step < args.iterations:
+            if scheduled:
+                optimizer.learning_rate.assign(scheduled_learning_rate(
+                    step, learning_rate, args.warm_up, args.decay, args.final_learning_rate))
             loss, norm = train_step(*next(samples))
             loss, norm, step = float(loss), float(norm), int(iteration.numpy())
             # float16: an overflowing gradient skips the step and halves the loss scale
