@@ -9,7 +9,8 @@
 # snapshot at N, B the mean of three snapshots: for R-loc at N - 2,000, N - 1,000 and N, for
 # R-pseudo at N - 1,000, N - 500 and N. OUT receives the
 # candidate folders (OUT/candA, OUT/candB) and the score files. Without a step list every step
-# runs; a step whose files exist is not redone, so an interrupted scoring resumes.
+# runs; a step whose files exist is not redone, so an interrupted scoring resumes. The rule step
+# keeps the verdict as OUT/rule.txt and, as data for the record, OUT/rule.json.
 set -euo pipefail
 
 rule=$1 run=$2 n=$3 out=$4
@@ -72,7 +73,7 @@ for step in "${steps[@]}"; do
                     args+=(--candidate "$c" "$out/scores_$c.json" "$out/${second}_$c.json")
                 fi
             done
-            "$python" -m "$module" "${args[@]}" | tee "$out/rule.txt" ;;
+            "$python" -m "$module" "${args[@]}" --json "$out/rule.json" | tee "$out/rule.txt" ;;
         *) echo "unknown step: $step (baseline, A, B or rule)" >&2; exit 2 ;;
     esac
 done

@@ -126,6 +126,8 @@ def paired_rule_main(argv, description: str, second: str, conditions, choose) ->
                         metavar=("SCORES", second), help="the shipped weights' files")
     parser.add_argument("--candidate", nargs=3, action="append", required=True,
                         metavar=("NAME", "SCORES", second), help="A or B and its files")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="also write the verdict (rule_verdict) as JSON, for the record")
     args = parser.parse_args(argv)
     names = [name for name, _, _ in args.candidate]
     if any(name not in ("A", "B") for name in names) or len(set(names)) != len(names):
@@ -136,9 +138,26 @@ def paired_rule_main(argv, description: str, second: str, conditions, choose) ->
 
     base = load(*args.baseline)
     candidates = {name: load(scores, other) for name, scores, other in args.candidate}
-    report({f"candidate {name}": conditions(*base, *files)
-            for name, files in candidates.items()}, choose(base, candidates))
+    checked = {name: conditions(*base, *files) for name, files in candidates.items()}
+    chosen = choose(base, candidates)
+    report({f"candidate {name}": results for name, results in checked.items()}, chosen)
+    if args.json:
+        temporary = args.json.with_name(args.json.name + ".part")
+        temporary.write_text(json.dumps(rule_verdict(checked, chosen), indent=1) + "\n")
+        temporary.replace(args.json)
     return 0
+
+
+def rule_verdict(checked, chosen) -> dict:
+    """What ``report`` prints, as data: per candidate each condition with its numbers, whether it
+    holds, the conditions that fail; and the candidate that ships (None: nothing)."""
+    return {"candidates": {
+                name: {"passes": all(holds for _, holds, _ in results),
+                       "failed": [text for text, holds, _ in results if not holds],
+                       "conditions": [{"condition": text, "holds": holds, "numbers": numbers}
+                                      for text, holds, numbers in results]}
+                for name, results in checked.items()},
+            "ships": chosen}
 
 
 def parse_args(argv=None):

@@ -33,6 +33,14 @@ def test_the_rule_step_judges_the_scored_candidates_and_keeps_the_verdict(tmp_pa
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ships: A")  # A covers more than 0.01 better
     assert (tmp_path / "rule.txt").read_text() == result.stdout
+    verdict = json.loads((tmp_path / "rule.json").read_text())
+    assert verdict["ships"] == "A" and set(verdict["candidates"]) == {"A", "B"}
+    assert all(c["passes"] and not c["failed"] for c in verdict["candidates"].values())
+    printed = [line.split(":")[0].split(maxsplit=1)[1] for line in result.stdout.splitlines()
+               if line.startswith("  ")]
+    assert [c["condition"].split(":")[0] for c in verdict["candidates"]["A"]["conditions"]
+            + verdict["candidates"]["B"]["conditions"]] == printed
+    assert not list(tmp_path.glob("*.part"))
 
 
 def test_a_candidate_without_both_score_files_is_left_out(tmp_path):

@@ -90,5 +90,13 @@ def test_choice_prefers_the_average_unless_the_snapshot_is_clearly_better(tmp_pa
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and out.strip().endswith("ships: B")
+    argv[argv.index("A") + 1:argv.index("A") + 3] = map(str, files["base"])  # A: no gain
+    assert main(argv + ["--json", str(tmp_path / "rule.json")]) == 0
+    verdict = json.loads((tmp_path / "rule.json").read_text())
+    assert verdict["ships"] == "B" and verdict["candidates"]["B"]["passes"]
+    assert verdict["candidates"]["A"]["failed"] == failed(BASE, BASE) != []
+    assert [c["holds"] for c in verdict["candidates"]["A"]["conditions"]] == [
+        holds for _, holds, _ in conditions(*BASE, *BASE)]
+    assert capsys.readouterr().out.strip().endswith("ships: B")
     with pytest.raises(SystemExit):
         main(["--baseline", *map(str, files["base"]), "--candidate", "C", *map(str, files["a"])])
