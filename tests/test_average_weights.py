@@ -56,3 +56,22 @@ def test_refuses_to_overwrite_a_folder(tmp_path, capsys):
                       "--out", str(tmp_path / "exists")])
     assert "exists; write the average to a new folder" in capsys.readouterr().err
     assert list((tmp_path / "exists").iterdir()) == []
+
+
+def test_an_average_of_snapshots_records_each_snapshot_not_the_first_ones(tmp_path):
+    folders = []
+    for iteration in (500, 1000):
+        folder = tmp_path / f"{iteration:06d}"
+        folder.mkdir()
+        for name in (SEGMENTATION_WEIGHTS, LOCALIZATION_WEIGHTS):
+            (folder / name).write_bytes((DEFAULT_WEIGHTS_DIR / name).read_bytes())
+        provenance = json.loads((DEFAULT_WEIGHTS_DIR / PROVENANCE).read_text())
+        provenance["segmentation"]["snapshot"] = {"run": "runs/x", "iteration": iteration}
+        (folder / PROVENANCE).write_text(json.dumps(provenance))
+        folders.append(str(folder))
+    average_main(folders + ["--out", str(tmp_path / "average")])
+    entry = json.loads((tmp_path / "average" / PROVENANCE).read_text())["segmentation"]
+    assert "snapshot" not in entry
+    assert entry["averaged_snapshots"] == [{"run": "runs/x", "iteration": 500},
+                                           {"run": "runs/x", "iteration": 1000}]
+    assert entry["averaged_from"] == folders

@@ -5,7 +5,8 @@
 Writes a complete weights folder: the chosen network's variables are the element-wise mean of the
 folders' (the files must hold the same architecture; keras refuses others), the other network and
 weights.json come from the first folder, and weights.json's entry for the averaged network records
-the folders it was averaged from; the first folder's scores are dropped (they are not the
+the folders it was averaged from (and, when they are training snapshots, each one's run and
+iteration, in place of the first folder's); the first folder's scores are dropped (they are not the
 average's: ``python -m release.score_weights --weights DIR --update`` writes new ones). The
 folder is written under a temporary name and renamed into place. Averaging only makes sense for
 weights fine-tuned from one initialisation (snapshots or fine-tunings of one run), not for
@@ -56,6 +57,12 @@ def main(argv=None):
     entry = provenance.get(args.network)
     entry = dict(entry) if isinstance(entry, dict) else {}
     entry["averaged_from"] = [str(folder) for folder in args.folders]
+    # The first folder's snapshot record is not the average's; the snapshots averaged are.
+    entry.pop("snapshot", None)
+    snapshots = [(read_provenance(folder).get(args.network) or {}).get("snapshot")
+                 for folder in args.folders]
+    if all(snapshots):
+        entry["averaged_snapshots"] = snapshots
     provenance[args.network] = entry
     model = averaged_model(args.folders, args.network)
     write_folder(args.out, {args.network: model}, provenance, args.folders[0], [])
