@@ -145,5 +145,31 @@ def test_extend_counts_a_recorded_network_without_a_runs_list_as_one_run(tmp_pat
         {"run": "recorded", "iterations": 100, "training_wall_seconds": 55.5,
          "generated_training_cases": 8, "learning_rate": 5e-4, "precision": "float32"},
         {"run": "more", "iterations": 30, "training_wall_seconds": 20.0,
-         "generated_training_cases": 4, "learning_rate": 2e-4, "precision": "bfloat16"}]
+         "generated_training_cases": 4, "learning_rate": 2e-4, "precision": "bfloat16",
+         "real_sample_share": 0.2}]
     assert segmentation["learning_rate"] == 2e-4  # the settings are the last run's
+
+
+def test_a_run_records_its_other_sources_and_seed_in_the_chain(tmp_path):
+    """Rendered anatomy, pseudo-labelled folders and the sample seed come from args.json, in the
+    summary and in the run's entry of the chain; a run without them records none."""
+    from training.provenance import chain_summary
+
+    write_run(tmp_path / "plain", 10, ["10,0.5,5.0,"])
+    write_run(tmp_path / "more", 20, ["20,0.4,8.0,"])
+    args = json.loads((tmp_path / "more" / "args.json").read_text())
+    args.update(anatomy="../shared/anatomy", anatomy_cases=118, anatomy_weight=0.55,
+                pseudo=["runs/pseudo2"], pseudo_weight=0.1, seed=17, data=["a", "b"],
+                data_weight=[0.1, 0.05])
+    (tmp_path / "more" / "args.json").write_text(json.dumps(args))
+    summary = chain_summary([tmp_path / "plain", tmp_path / "more"])
+    plain, more = summary["runs"]
+    assert more == {"run": "more", "iterations": 20, "training_wall_seconds": 8.0,
+                    "generated_training_cases": 4, "learning_rate": 2e-4,
+                    "precision": "bfloat16", "real_sample_share": 0.15,
+                    "real_sample_share_per_folder": {"a": 0.1, "b": 0.05},
+                    "anatomy_training_cases": 118, "anatomy_sample_share": 0.55,
+                    "pseudo_label_folders": ["runs/pseudo2"], "pseudo_sample_share": 0.1,
+                    "sample_seed": 17}
+    assert not {"anatomy_training_cases", "pseudo_label_folders", "sample_seed"} & set(plain)
+    assert summary["pseudo_sample_share"] == 0.1 and summary["iterations"] == 30

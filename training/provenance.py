@@ -89,6 +89,7 @@ def run_summary(run):
         "generated_in_plane_size": args["generated_size"],
         "real_training_data": args["data"],
         **real_shares(args),
+        **other_sources(args),
         "crop_size_zyx": args["crop_size"],
         "learning_rate": args["learning_rate"],
         **learning_rate_schedule(args),
@@ -96,6 +97,21 @@ def run_summary(run):
         "precision": args["precision"],
         "last_validation": last_validation(run / "log.csv", iterations),
     }
+
+
+def other_sources(args):
+    """The run's rendered real anatomy and pseudo-labelled folders with their sample shares, and
+    its sample seed; only what the run used (older args.json files have none of them)."""
+    out = {}
+    if args.get("anatomy"):
+        out["anatomy_training_cases"] = args["anatomy_cases"]
+        out["anatomy_sample_share"] = args["anatomy_weight"]
+    if args.get("pseudo"):
+        out["pseudo_label_folders"] = args["pseudo"]
+        out["pseudo_sample_share"] = args["pseudo_weight"]
+    if "seed" in args:
+        out["sample_seed"] = args["seed"]
+    return out
 
 
 def learning_rate_schedule(args):
@@ -116,7 +132,11 @@ def learning_rate_schedule(args):
 LICENSE = "Apache-2.0"
 RUN_FIELDS = ("iterations", "training_wall_seconds", "generated_training_cases", "learning_rate",
               "precision")
-SCHEDULE_FIELDS = ("warm_up_iterations", "learning_rate_decay")  # only where a run used them
+# Only where a run used them (or its args.json records them).
+OPTIONAL_RUN_FIELDS = ("warm_up_iterations", "learning_rate_decay", "real_sample_share",
+                       "real_sample_share_per_folder", "anatomy_training_cases",
+                       "anatomy_sample_share", "pseudo_label_folders", "pseudo_sample_share",
+                       "sample_seed")
 
 
 def chain_summary(runs, recorded=None):
@@ -126,7 +146,7 @@ def chain_summary(runs, recorded=None):
     continues; its ``runs`` list (or the entry itself, as one run) heads the chain.
     """
     summaries = [run_summary(run) for run in runs]
-    chain = [{"run": run.name, **{k: s[k] for k in RUN_FIELDS + SCHEDULE_FIELDS if k in s}}
+    chain = [{"run": run.name, **{k: s[k] for k in RUN_FIELDS + OPTIONAL_RUN_FIELDS if k in s}}
              for run, s in zip(runs, summaries)]
     if recorded is not None:
         if "iterations" not in recorded or "training_wall_seconds" not in recorded:
