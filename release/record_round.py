@@ -89,16 +89,22 @@ def round_record(out: Path, network: str, scored_on: str) -> dict:
     return record
 
 
+def recorded_rule(provenance: dict, rule: str) -> dict:
+    """The entry of ``rule`` in weights.json's ``shipping_rules``."""
+    rules = provenance.get("shipping_rules") or []
+    for entry in rules:
+        if entry.get("rule") == rule:
+            return entry
+    known = ", ".join(entry.get("rule", "?") for entry in rules) or "none"
+    raise RecordError(f"weights.json records no rule {rule} (recorded: {known}); a rule is "
+                      "recorded when it is written, before its run")
+
+
 def add_round(provenance: dict, rule: str, record: dict, next_step: str | None = None,
               concluded: str | None = None) -> dict:
     """``provenance`` with ``record`` appended to ``rule``'s rounds (a new dict)."""
-    rules = provenance.get("shipping_rules") or []
-    matching = [entry for entry in rules if entry.get("rule") == rule]
-    if not matching:
-        known = ", ".join(entry.get("rule", "?") for entry in rules) or "none"
-        raise RecordError(f"weights.json records no rule {rule} (recorded: {known}); a rule is "
-                          "recorded when it is written, before its run")
-    entry = dict(matching[0])
+    recorded = recorded_rule(provenance, rule)
+    entry = dict(recorded)
     rounds = list(entry.get("rounds", []))
     if any(existing.get("n") == record["n"] for existing in rounds):
         raise RecordError(f"weights.json: {rule} already has a round at N = {record['n']}")
@@ -108,8 +114,8 @@ def add_round(provenance: dict, rule: str, record: dict, next_step: str | None =
         entry["outcome"] = concluded
     elif next_step:
         entry["next"] = next_step
-    return {**provenance,
-            "shipping_rules": [entry if item is matching[0] else item for item in rules]}
+    return {**provenance, "shipping_rules": [entry if item is recorded else item
+                                             for item in provenance["shipping_rules"]]}
 
 
 def main(argv=None) -> int:
@@ -125,9 +131,7 @@ def main(argv=None) -> int:
     path = args.weights / PROVENANCE
     try:
         provenance = read_json(path)
-        rules = [entry for entry in provenance.get("shipping_rules") or []
-                 if entry.get("rule") == args.rule]
-        network = rules[0].get("network", "segmentation") if rules else "segmentation"
+        network = recorded_rule(provenance, args.rule).get("network", "segmentation")
         record = round_record(args.out, network, args.scored_on)
         updated = add_round(provenance, args.rule, record, args.next_step, args.concluded)
     except RecordError as error:

@@ -32,18 +32,22 @@ def test_without_a_schedule_the_rate_is_constant():
     assert {scheduled_learning_rate(step, 3e-4) for step in (0, 1, 10_000)} == {3e-4}
 
 
-@pytest.mark.parametrize("extra", [
-    ["--decay", "10", "20"],                                     # no final rate
-    ["--final-learning-rate", "1e-6"],                           # no decay
-    ["--decay", "20", "20", "--final-learning-rate", "1e-6"],    # empty decay
-    ["--warm-up", "50", "--decay", "10", "100", "--final-learning-rate", "1e-6"],  # overlaps
-    ["--warm-up", "-1"],
-    ["--decay", "10", "20", "--final-learning-rate", "-1e-6"],
+@pytest.mark.parametrize("extra, message", [
+    (["--decay", "10", "20"], "--decay and --final-learning-rate go together"),
+    (["--final-learning-rate", "1e-6"], "--decay and --final-learning-rate go together"),
+    (["--decay", "20", "20", "--final-learning-rate", "1e-6"], "--decay 20 20: needs"),
+    (["--warm-up", "50", "--decay", "10", "100", "--final-learning-rate", "1e-6"],
+     "--decay 10 100: needs --warm-up (50) <= FROM < TO"),
+    (["--warm-up", "-1"], "--warm-up: -1 iterations, must be >= 0"),
+    (["--decay", "10", "20", "--final-learning-rate=-1e-6"],
+     "--final-learning-rate: -1e-06, must be >= 0"),
 ])
-def test_inconsistent_schedules_are_refused(extra, capsys):
+def test_inconsistent_schedules_are_refused(extra, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(REQUIRED + extra)
-    assert "--" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+    parse_args(REQUIRED + ["--warm-up", "10", "--decay", "10", "20",
+                           "--final-learning-rate", "0"])  # the consistent neighbour is taken
 
 
 def test_a_scheduled_run_resumes_on_its_schedule_and_is_recorded(tmp_path):

@@ -132,7 +132,7 @@ def learning_rate_schedule(args):
 LICENSE = "Apache-2.0"
 RUN_FIELDS = ("iterations", "training_wall_seconds", "generated_training_cases", "learning_rate",
               "precision")
-# Only where a run used them (or its args.json records them).
+# In a run's chain entry when its summary has them (older args.json files lack some).
 OPTIONAL_RUN_FIELDS = ("warm_up_iterations", "learning_rate_decay", "real_sample_share",
                        "real_sample_share_per_folder", "anatomy_training_cases",
                        "anatomy_sample_share", "pseudo_label_folders", "pseudo_sample_share",
