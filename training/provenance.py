@@ -79,12 +79,18 @@ def real_shares(args):
     return summary
 
 
-def run_summary(run):
+def run_summary(run, up_to=None, after=0):
+    """A run's settings, and what it trained from iteration ``after`` (a folder that began as a
+    copy of another run's checkpoint at that iteration: its log holds the other run's rows) to
+    ``up_to`` (default: its latest checkpoint)."""
     args = json.loads((run / "args.json").read_text())
-    iterations = trained_iterations(run)
+    up_to = trained_iterations(run) if up_to is None else up_to
+    seconds = training_seconds(run / "log.csv", up_to)
+    if after:
+        seconds = round(seconds - training_seconds(run / "log.csv", after), 1)
     return {
-        "iterations": iterations,
-        "training_wall_seconds": training_seconds(run / "log.csv", iterations),
+        "iterations": up_to - after,
+        "training_wall_seconds": seconds,
         "generated_training_cases": args["generated"],
         "generated_in_plane_size": args["generated_size"],
         "real_training_data": args["data"],
@@ -95,7 +101,7 @@ def run_summary(run):
         **learning_rate_schedule(args),
         "ema_decay": args["ema_decay"],
         "precision": args["precision"],
-        "last_validation": last_validation(run / "log.csv", iterations),
+        "last_validation": last_validation(run / "log.csv", up_to),
     }
 
 
