@@ -105,6 +105,32 @@ def test_localization_sample_marks_organs_as_foreground(phantom):
     assert inside.any() and np.all(hu[inside] > -450)
 
 
+def test_the_sampled_transform_resamples_exactly_as_its_composite(phantom):
+    """random_transform's displacement field maps the crop's points as the affine-after-B-spline
+    composite does: the same image and labels, on an oblique grid with anisotropic spacing."""
+    from app.geometry import Grid
+
+    rotation = augment.rotation_matrix((0.3, -0.2, 0.5))
+    grid = Grid((24, 20, 16), (2.0, 2.5, 3.1), (-60.0, 80.0, 40.0),
+                tuple(float(v) for v in rotation.ravel()))
+    ranges = augment.AugmentationRanges()
+    centre = grid.axis_mm_to_physical(np.asarray(grid.size) * grid.spacing_mm / 2)
+    composite = augment.random_composite(np.random.default_rng(3), grid, centre, ranges)
+    field = augment.random_transform(np.random.default_rng(3), grid, centre, ranges)
+    assert isinstance(field, sitk.DisplacementFieldTransform)
+    for source, interpolator in ((phantom.segmentation_image, sitk.sitkLinear),
+                                 (phantom.segmentation_labels, sitk.sitkNearestNeighbor)):
+        by_composite, by_field = (sitk.GetArrayFromImage(sitk.Resample(
+            source, grid.reference(), transform, interpolator, -1000.0, sitk.sitkFloat32))
+            for transform in (composite, field))
+        assert by_composite.std() > 0  # the crop holds structure
+        np.testing.assert_array_equal(by_field, by_composite)
+    # without an elastic part the composite itself, an affine, is cheap enough
+    rigid = replace(ranges, elastic_mm=0.0)
+    assert isinstance(augment.random_transform(np.random.default_rng(3), grid, centre, rigid),
+                      sitk.CompositeTransform)
+
+
 def test_samples_are_deterministic_for_a_seed(phantom):
     ranges = augment.AugmentationRanges()
     a, la = augment.segmentation_sample(phantom, np.random.default_rng(5), (32, 32, 32), ranges)
