@@ -125,10 +125,35 @@ def test_the_sampled_transform_resamples_exactly_as_its_composite(phantom):
             for transform in (composite, field))
         assert by_composite.std() > 0  # the crop holds structure
         np.testing.assert_array_equal(by_field, by_composite)
+    # the field evaluated axis by axis is ITK's point-by-point evaluation of the composite
+    reference = sitk.TransformToDisplacementField(
+        composite, sitk.sitkVectorFloat64, grid.size, grid.origin_mm, grid.spacing_mm,
+        grid.direction)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(field.GetDisplacementField()),
+                               sitk.GetArrayFromImage(reference), rtol=0, atol=1e-9)
     # without an elastic part the composite itself, an affine, is cheap enough
     rigid = replace(ranges, elastic_mm=0.0)
     assert isinstance(augment.random_transform(np.random.default_rng(3), grid, centre, rigid),
                       sitk.CompositeTransform)
+
+
+def test_the_elastic_control_grid_lies_along_the_crop_axes_or_is_refused():
+    """The axis-by-axis evaluation needs a control grid along the crop's axes: grid_bspline's
+    is, to double precision, on an oblique grid where sitk.BSplineTransformInitializer's (single
+    precision) is not, and displacement_field refuses that one rather than approximating it."""
+    from app.geometry import Grid
+
+    rotation = augment.rotation_matrix((0.3, -0.2, 0.5))
+    grid = Grid((12, 10, 8), (2.0, 2.5, 3.1), (-60.0, 80.0, 40.0),
+                tuple(float(v) for v in rotation.ravel()))
+    ours = augment.grid_bspline(grid, 5)
+    np.testing.assert_array_equal(ours.GetFixedParameters()[9:], grid.direction)
+    theirs = sitk.BSplineTransformInitializer(grid.reference(), [5] * 3, 3)
+    # the same domain as the initializer's, to its single precision
+    np.testing.assert_allclose(ours.GetFixedParameters(), theirs.GetFixedParameters(),
+                               rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="axes"):
+        augment.displacement_field(sitk.AffineTransform(3), theirs, grid)
 
 
 def test_samples_are_deterministic_for_a_seed(phantom):

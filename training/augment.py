@@ -58,14 +58,16 @@ def rotation_matrix(angles_rad):
 def random_transform(rng, output_grid, centre_physical, ranges):
     """A transform from output-grid points to input points: B-spline first, then affine.
 
-    With an elastic part the result is that composite sampled as a displacement field on
-    ``output_grid`` (``sampled_on``): at the grid's points, the only ones a sample resamples, it
-    maps as the composite does. Evaluating the cubic B-spline dominates the cost of a sample,
-    and the field evaluates it once for the image, the labels and an ignore mask instead of once
-    per resampling.
+    With an elastic part the result is that composite as a displacement field on
+    ``output_grid`` (``displacement_field``): at the grid's points, the only ones a sample
+    resamples, it maps as the composite does. The field is evaluated once for the image, the
+    labels and an ignore mask, and axis by axis rather than point by point.
     """
     composite = random_composite(rng, output_grid, centre_physical, ranges)
-    return sampled_on(composite, output_grid) if ranges.elastic_mm > 0 else composite
+    if ranges.elastic_mm <= 0:
+        return composite
+    affine, bspline = (composite.GetNthTransform(i).Downcast() for i in range(2))
+    return displacement_field(affine, bspline, output_grid)
 
 
 def random_composite(rng, output_grid, centre_physical, ranges):
@@ -81,23 +83,74 @@ def random_composite(rng, output_grid, centre_physical, ranges):
     composite = sitk.CompositeTransform(3)
     composite.AddTransform(affine)
     if ranges.elastic_mm > 0:
-        mesh = ranges.elastic_control_points - 3  # cubic B-spline: control points = mesh + 3
-        bspline = sitk.BSplineTransformInitializer(output_grid.reference(), [mesh] * 3, 3)
-        parameters = rng.uniform(-ranges.elastic_mm, ranges.elastic_mm,
-                                 len(bspline.GetParameters()))
-        bspline.SetParameters(tuple(parameters))
+        bspline = grid_bspline(output_grid, ranges.elastic_control_points - 3)
+        bspline.SetParameters(tuple(rng.uniform(-ranges.elastic_mm, ranges.elastic_mm,
+                                                len(bspline.GetParameters()))))
         composite.AddTransform(bspline)  # added last = applied first
     return composite
 
 
-def sampled_on(transform, grid):
-    """``transform`` as a displacement field on ``grid``'s points (float64 vectors, so resampling
-    through it onto ``grid`` gives what resampling through ``transform`` gives)."""
-    reference = grid.reference()
-    field = sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(),
-        reference.GetSpacing(), reference.GetDirection())
-    return sitk.DisplacementFieldTransform(field)
+def grid_bspline(grid, mesh):
+    """A cubic B-spline transform (zero displacement) over ``grid``: ``mesh`` intervals per axis,
+    ``mesh + 3`` control points. Its domain reaches 0.625 voxels beyond the outer voxel centres,
+    as sitk.BSplineTransformInitializer's does, but it is set in double precision along the
+    grid's own axes (the initializer's is single precision), so that the control grid's axes
+    are the grid's and ``displacement_field`` can evaluate it axis by axis."""
+    spacing = np.asarray(grid.spacing_mm, float)
+    bspline = sitk.BSplineTransform(3, 3)
+    bspline.SetTransformDomainDirection(tuple(float(v) for v in grid.direction))
+    bspline.SetTransformDomainOrigin(tuple(grid.axis_mm_to_physical(-0.625 * spacing)))
+    bspline.SetTransformDomainPhysicalDimensions(
+        tuple((np.asarray(grid.size) + 0.25) * spacing))
+    bspline.SetTransformDomainMeshSize([int(mesh)] * 3)
+    return bspline
+
+
+def cubic_bspline_weights(positions, count):
+    """(len(positions), count): the cubic B-spline beta3(position - k) for k = 0 .. count - 1."""
+    t = np.abs(np.asarray(positions, float)[:, None] - np.arange(count)[None, :])
+    return np.where(t < 1, 2 / 3 - t ** 2 + t ** 3 / 2, np.where(t < 2, (2 - t) ** 3 / 6, 0.0))
+
+
+def displacement_field(affine, bspline, grid):
+    """The affine-after-B-spline map at ``grid``'s points as a displacement field transform
+    (float64 vectors, so resampling through it onto ``grid`` gives what resampling through the
+    composite gives).
+
+    The B-spline's control grid must share ``grid``'s axes (``grid_bspline``): its weights then
+    factor per axis, and the displacements are three small tensor contractions instead of 64
+    control points per voxel. The affine is linear, so its matrix goes onto the control
+    displacements before the sum and onto the grid's index steps after it.
+    """
+    direction = np.asarray(grid.direction, float).reshape(3, 3)
+    fixed = np.asarray(bspline.GetFixedParameters())
+    counts, origin, control_spacing = fixed[:3].astype(int), fixed[3:6], fixed[6:9]
+    if not np.allclose(fixed[9:].reshape(3, 3), direction, rtol=0, atol=1e-12):
+        raise ValueError("the B-spline's control grid does not share the grid's axes")
+    start = (np.asarray(grid.origin_mm) - origin) @ direction  # mm along the grid's axes
+    wx, wy, wz = (cubic_bspline_weights(
+        (start[a] + np.arange(grid.size[a]) * grid.spacing_mm[a]) / control_spacing[a],
+        counts[a]) for a in range(3))
+    matrix = np.asarray(affine.GetMatrix()).reshape(3, 3)
+    control = np.stack([sitk.GetArrayFromImage(c) for c in bspline.GetCoefficientImages()],
+                       axis=-1) @ matrix.T  # (z, y, x, 3), as M (displacement)
+    field = np.tensordot(wz, control, axes=(1, 0))  # (gz, cy, cx, 3)
+    field = np.tensordot(wy, field, axes=(1, 1))  # (gy, gz, cx, 3)
+    field = np.tensordot(wx, field, axes=(1, 2)).transpose(2, 1, 0, 3)  # (gz, gy, gx, 3)
+    # M (p + d - c) + c + t - p = M d + (M - I)(origin + D diag(spacing) index) + (I - M) c + t
+    linear = matrix - np.eye(3)
+    field += (linear @ (np.asarray(grid.origin_mm) - np.asarray(affine.GetCenter()))
+              + np.asarray(affine.GetTranslation()))
+    steps = linear @ direction * np.asarray(grid.spacing_mm, float)  # column a: one voxel on a
+    nx, ny, nz = grid.size
+    field += (np.arange(nx)[:, None] * steps[:, 0])[None, None]
+    field += (np.arange(ny)[:, None] * steps[:, 1])[None, :, None]
+    field += (np.arange(nz)[:, None] * steps[:, 2])[:, None, None]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(field), isVector=True)
+    image.SetOrigin(grid.origin_mm)
+    image.SetSpacing(grid.spacing_mm)
+    image.SetDirection(grid.direction)
+    return sitk.DisplacementFieldTransform(image)
 
 
 def resample_pair(image, labels, grid, transform, rng, ranges):
