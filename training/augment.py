@@ -63,15 +63,28 @@ def random_transform(rng, output_grid, centre_physical, ranges):
     resamples, it maps as the composite does. The field is evaluated once for the image, the
     labels and an ignore mask, and axis by axis rather than point by point.
     """
-    composite = random_composite(rng, output_grid, centre_physical, ranges)
-    if ranges.elastic_mm <= 0:
-        return composite
-    affine, bspline = (composite.GetNthTransform(i).Downcast() for i in range(2))
+    affine, bspline = random_parts(rng, output_grid, centre_physical, ranges)
+    if bspline is None:
+        return composite(affine, None)
     return displacement_field(affine, bspline, output_grid)
 
 
 def random_composite(rng, output_grid, centre_physical, ranges):
-    """``random_transform``'s composite: an affine after a B-spline (none without elastic_mm)."""
+    """``random_transform``'s map as the ITK composite it evaluates (for reference)."""
+    return composite(*random_parts(rng, output_grid, centre_physical, ranges))
+
+
+def composite(affine, bspline):
+    """One transform applying ``bspline`` (if any) first, then ``affine``."""
+    transforms = sitk.CompositeTransform(3)
+    transforms.AddTransform(affine)
+    if bspline is not None:
+        transforms.AddTransform(bspline)  # added last = applied first
+    return transforms
+
+
+def random_parts(rng, output_grid, centre_physical, ranges):
+    """The random affine and B-spline (None without elastic_mm) of ``random_transform``."""
     scale = (1 + rng.uniform(-ranges.scale, ranges.scale)) * (
         1 + rng.uniform(-ranges.axis_scale, ranges.axis_scale, 3))
     matrix = rotation_matrix(rng.uniform(-ranges.rotation_rad, ranges.rotation_rad, 3))
@@ -80,14 +93,12 @@ def random_composite(rng, output_grid, centre_physical, ranges):
     affine.SetCenter(tuple(float(c) for c in centre_physical))
     affine.SetMatrix(tuple((matrix @ np.diag(1.0 / scale)).ravel()))
     affine.SetTranslation(tuple(rng.uniform(-ranges.translation_mm, ranges.translation_mm, 3)))
-    composite = sitk.CompositeTransform(3)
-    composite.AddTransform(affine)
-    if ranges.elastic_mm > 0:
-        bspline = grid_bspline(output_grid, ranges.elastic_control_points - 3)
-        bspline.SetParameters(tuple(rng.uniform(-ranges.elastic_mm, ranges.elastic_mm,
-                                                len(bspline.GetParameters()))))
-        composite.AddTransform(bspline)  # added last = applied first
-    return composite
+    if ranges.elastic_mm <= 0:
+        return affine, None
+    bspline = grid_bspline(output_grid, ranges.elastic_control_points - 3)
+    bspline.SetParameters(tuple(rng.uniform(-ranges.elastic_mm, ranges.elastic_mm,
+                                            len(bspline.GetParameters()))))
+    return affine, bspline
 
 
 def grid_bspline(grid, mesh):
@@ -136,7 +147,8 @@ def displacement_field(affine, bspline, grid):
                        axis=-1) @ matrix.T  # (z, y, x, 3), as M (displacement)
     field = np.tensordot(wz, control, axes=(1, 0))  # (gz, cy, cx, 3)
     field = np.tensordot(wy, field, axes=(1, 1))  # (gy, gz, cx, 3)
-    field = np.tensordot(wx, field, axes=(1, 2)).transpose(2, 1, 0, 3)  # (gz, gy, gx, 3)
+    field = np.ascontiguousarray(
+        np.tensordot(wx, field, axes=(1, 2)).transpose(2, 1, 0, 3))  # (gz, gy, gx, 3)
     # M (p + d - c) + c + t - p = M d + (M - I)(origin + D diag(spacing) index) + (I - M) c + t
     linear = matrix - np.eye(3)
     field += (linear @ (np.asarray(grid.origin_mm) - np.asarray(affine.GetCenter()))
@@ -146,7 +158,7 @@ def displacement_field(affine, bspline, grid):
     field += (np.arange(nx)[:, None] * steps[:, 0])[None, None]
     field += (np.arange(ny)[:, None] * steps[:, 1])[None, :, None]
     field += (np.arange(nz)[:, None] * steps[:, 2])[:, None, None]
-    image = sitk.GetImageFromArray(np.ascontiguousarray(field), isVector=True)
+    image = sitk.GetImageFromArray(field, isVector=True)
     image.SetOrigin(grid.origin_mm)
     image.SetSpacing(grid.spacing_mm)
     image.SetDirection(grid.direction)
