@@ -7,7 +7,8 @@
 # RULE: loc (R-loc, a localization run) or pseudo (R-pseudo, an SCN run with pseudo-labels).
 # RUN: the training run folder (its snapshots/ every 500 iterations or finer). A is the EMA
 # snapshot at N, B the mean of three snapshots: for R-loc at N - 2,000, N - 1,000 and N, for
-# R-pseudo at N - 1,000, N - 500 and N. OUT receives the
+# R-pseudo at N - 1,000, N - 500 and N; GAP=K in the environment sets the spacing to K for a rule
+# written with a shorter run (R-wide: N - 400, N - 200, N). OUT receives the
 # candidate folders (OUT/candA, OUT/candB) and the score files. Without a step list every step
 # runs; a step whose files exist is not redone, so an interrupted scoring resumes. The rule step
 # keeps the verdict as OUT/rule.txt and, as data for the record, OUT/rule.json.
@@ -25,6 +26,10 @@ case $rule in
     pseudo) network=segmentation module=release.pseudo_rule second=pseudo gap=500 ;;
     *) echo "unknown rule: $rule (loc or pseudo)" >&2; exit 2 ;;
 esac
+gap=${GAP:-$gap}
+if ! [[ $gap =~ ^[1-9][0-9]*$ ]]; then
+    echo "GAP must be a positive whole number of iterations, not '$gap'" >&2; exit 2
+fi
 
 snapshot() { printf '%s/snapshots/%06d' "$run" "$1"; }
 
@@ -62,9 +67,14 @@ for step in "${steps[@]}"; do
             [ -d "$out/candA" ] || cp -r "$(snapshot "$n")" "$out/candA"
             score A "$out/candA" ;;
         B)
-            [ -d "$out/candB" ] || "$python" -m training.average_weights --network "$network" \
-                --out "$out/candB" "$(snapshot $((n - 2 * gap)))" "$(snapshot $((n - gap)))" \
-                "$(snapshot "$n")"
+            if [ ! -d "$out/candB" ]; then
+                averaged=("$(snapshot $((n - 2 * gap)))" "$(snapshot $((n - gap)))" "$(snapshot "$n")")
+                for folder in "${averaged[@]}"; do
+                    [ -d "$folder" ] || { echo "no snapshot $folder for candidate B" >&2; exit 2; }
+                done
+                "$python" -m training.average_weights --network "$network" --out "$out/candB" \
+                    "${averaged[@]}"
+            fi
             score B "$out/candB" ;;
         rule)
             args=(--baseline "$out/scores_baseline.json" "$out/${second}_baseline.json")

@@ -14,9 +14,9 @@ from tests.test_shipping_rule import scores
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def candidates(*args):
+def candidates(*args, **env):
     return subprocess.run(["bash", "release/candidates.sh", *map(str, args)], cwd=ROOT,
-                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, **env},
                           capture_output=True, text=True, timeout=120)
 
 
@@ -59,3 +59,23 @@ def test_unknown_rules_and_steps_are_refused(tmp_path):
     assert result.returncode == 2 and "unknown rule: segmentation" in result.stderr
     result = candidates("loc", tmp_path / "run", 3000, tmp_path, "C")
     assert result.returncode == 2 and "unknown step: C" in result.stderr
+
+
+def test_candidate_b_averages_snapshots_gap_apart_and_names_a_missing_one(tmp_path):
+    run = tmp_path / "run"
+    for iteration in (400, 600, 800):
+        (run / "snapshots" / f"{iteration:06d}").mkdir(parents=True)
+    result = candidates("pseudo", run, 1300, tmp_path / "out", "B")  # default gap 500: 000300
+    assert result.returncode == 2
+    assert f"no snapshot {run}/snapshots/000300 for candidate B" in result.stderr
+    assert not (tmp_path / "out" / "candB").exists()
+    (run / "snapshots" / "000600").rmdir()
+    result = candidates("pseudo", run, 800, tmp_path / "out", "B", GAP="200")
+    assert result.returncode == 2 and f"no snapshot {run}/snapshots/000600" in result.stderr
+
+
+def test_a_gap_that_is_not_a_positive_whole_number_is_refused(tmp_path):
+    for gap in ("0", "-200", "2e2", "x"):
+        result = candidates("pseudo", tmp_path / "run", 800, tmp_path / "out", "B", GAP=gap)
+        assert result.returncode == 2, gap
+        assert f"GAP must be a positive whole number of iterations, not '{gap}'" in result.stderr
