@@ -18,10 +18,12 @@ hand:
 A run folder that began as a copy of the previous run's folder at its checkpoint N0 (to continue
 its optimizer state, not only its exported weights) takes ``--from-checkpoint N0``: only what the
 run trained after N0 is its own. Otherwise the run must have started from the shipped weights
-(``--init-weights``). What the runs cannot tell (the real-anatomy maps, the pseudo-label rounds,
-partial labels, augmentation history) stays as recorded; a run that trained on other anatomy
-cases or pseudo-label folders than the network records is refused, as those entries would then
-be wrong.
+(``--init-weights``). A pseudo-label folder the run trained on that weights.json does not list
+yet becomes the network's next pseudo-label round, from the folder's own pseudo_labels.json
+(which weights made the labels, what they cover, the volumes); a folder without one is refused.
+What the runs cannot tell (the real-anatomy maps, partial labels, augmentation history) stays as
+recorded; a run that trained on other anatomy cases than the network records is refused, as
+that entry would then be wrong.
 """
 
 from __future__ import annotations
@@ -90,22 +92,63 @@ def portable(path: str, runs_folder: Path) -> str:
         return path
 
 
-def check_sources(summary: dict, recorded: dict, run: Path):
-    """Refuse a run whose rendered anatomy or pseudo-label folders are not what weights.json
-    describes for the network (its ``real_anatomy`` maps, its ``pseudo_labels`` rounds)."""
+def check_anatomy(summary: dict, recorded: dict, run: Path):
+    """Refuse a run whose rendered anatomy is not what weights.json's ``real_anatomy`` maps
+    describe for the network."""
     if "anatomy_training_cases" in summary:
         maps = (recorded.get("real_anatomy") or {}).get("maps_used") or {}
         if sum(maps.values()) != summary["anatomy_training_cases"]:
             raise InstallError(f"{run / 'args.json'}: the run renders "
                                f"{summary['anatomy_training_cases']} anatomy maps, weights.json's "
                                f"real_anatomy counts {sum(maps.values())}: record its maps first")
-    folders = set(summary.get("pseudo_label_folders", []))
-    recorded_folders = {item.get("folder") for item in
-                        (recorded.get("pseudo_labels") or {}).get("rounds", [])}
-    if not folders <= recorded_folders:
-        raise InstallError(f"{run / 'args.json'}: pseudo-label folders "
-                           f"{sorted(folders - recorded_folders)} are not among weights.json's "
-                           f"pseudo_labels rounds: record the round first")
+
+
+# What a pseudo-label round records of the folder's pseudo_labels.json (training.pseudo_label):
+# how the labels were thresholded and which organs they cover, and per case what came out.
+ROUND_SETTINGS = ("min_probability", "second_weights", "precision", "ignored", "outside_roi",
+                  "covered")
+ROUND_CASE_FIELDS = ("volumes_ml", "covered", "ignored_share", "ignored_share_of_organ_voxels")
+
+
+def pseudo_round(folder: Path, name: str, number: int, share) -> dict:
+    """Pseudo-label round ``number`` from ``folder``'s pseudo_labels.json, named ``name`` in
+    weights.json."""
+    path = folder / "pseudo_labels.json"
+    if not path.is_file():
+        raise InstallError(f"{path}: missing, so the run's pseudo-label folder {name}, not among "
+                           f"weights.json's pseudo_labels rounds, cannot be recorded")
+    made = read_json(path)
+    cases = made.get("cases")
+    weights = made.get("weights")
+    if not cases or not isinstance(weights, dict) or "sha256" not in weights:
+        raise InstallError(f"{path}: lists no pseudo-labelled case or not the weights that "
+                           f"made them")
+    images = sorted({Path(case["input"]).parent.as_posix() for case in cases.values()})
+    return {"round": number, "folder": name, "images": images[0] if len(images) == 1 else images,
+            "cases": sorted(cases), "made_on": weights.get("date"),
+            "weights_sha256": weights["sha256"],
+            "weights_export": {network: weights[network]["export"]
+                               for network in ("localization", "segmentation")
+                               if isinstance(weights.get(network), dict)},
+            **{key: made[key] for key in ROUND_SETTINGS if key in made},
+            "per_case": {case: {key: entry[key] for key in ROUND_CASE_FIELDS if key in entry}
+                         for case, entry in sorted(cases.items())},
+            "sample_share": share}
+
+
+def pseudo_labels_with_run(recorded: dict, folders: list[str], summary: dict) -> dict | None:
+    """The network's ``pseudo_labels`` entry once the run ships: its recorded rounds, then a new
+    round for each of the run's folders (as given in args.json) not among them."""
+    entry = dict(recorded.get("pseudo_labels") or {})
+    rounds = list(entry.get("rounds", []))
+    names = {item.get("folder") for item in rounds}
+    for folder, name in zip(folders, summary.get("pseudo_label_folders", [])):
+        if name not in names:
+            number = max((item.get("round", 0) for item in rounds), default=0) + 1
+            rounds.append(pseudo_round(Path(folder), name, number,
+                                       summary.get("pseudo_sample_share")))
+            names.add(name)
+    return {**entry, "rounds": rounds} if rounds else None
 
 
 def installed_entry(recorded: dict, run: Path, snapshots: list[tuple[str, int]],
@@ -128,10 +171,11 @@ def installed_entry(recorded: dict, run: Path, snapshots: list[tuple[str, int]],
         raise InstallError(f"{run / 'args.json'}: the run started from scratch, not from the "
                            f"shipped weights, so it does not continue their chain")
     summary = run_summary(run, up_to=n, after=from_checkpoint)
-    if "pseudo_label_folders" in summary:
-        summary["pseudo_label_folders"] = [portable(p, run.parent)
-                                           for p in summary["pseudo_label_folders"]]
-    check_sources(summary, recorded, run)
+    folders = list(summary.get("pseudo_label_folders", []))
+    if folders:
+        summary["pseudo_label_folders"] = [portable(p, run.parent) for p in folders]
+    check_anatomy(summary, recorded, run)
+    pseudo_labels = pseudo_labels_with_run(recorded, folders, summary)
     first = recorded["iterations"]
     started = {"started_from": chain[-1]["run"]}
     if from_checkpoint:
@@ -148,7 +192,8 @@ def installed_entry(recorded: dict, run: Path, snapshots: list[tuple[str, int]],
              "export": export, "iterations": first + summary["iterations"],
              "training_wall_seconds": round(recorded["training_wall_seconds"]
                                             + summary["training_wall_seconds"], 1),
-             "runs": chain + [link], "machine": machine}
+             "runs": chain + [link], "machine": machine,
+             **({"pseudo_labels": pseudo_labels} if pseudo_labels else {})}
     # settings the new run does not have (a schedule) must not be inherited from older runs
     for key in NETWORK_SETTINGS:
         if key not in summary:

@@ -111,6 +111,46 @@ def test_the_chosen_candidate_is_installed_with_its_run_and_scores(tmp_path, cap
     assert json.loads((weights / "weights.json").read_text()) == provenance
 
 
+def pseudo_labels_json(folder):
+    """What training.pseudo_label writes, trimmed to one case."""
+    folder.mkdir(parents=True)
+    case = {"input": "../shared/data/unlabelled/images/scan_0000.nii.gz",
+            "labels": "labels/scan.nii.gz", "size_xyz": [512, 512, 99],
+            "volumes_ml": {"liver": 1549.19, "kidney": 427.83, "spleen": 363.94,
+                           "pancreas": 78.59},
+            "covered": ["liver", "kidney", "spleen", "pancreas"], "ignored_share": 0.0105,
+            "ignored_share_of_organ_voxels": 0.1713, "seconds": 6.2}
+    (folder / "pseudo_labels.json").write_text(json.dumps({
+        "weights": {"folder": "/somewhere/weights", "sha256": {"segmentation.weights.h5": "ab"},
+                    "date": "2026-12-07",
+                    "segmentation": {"export": {"run": "prev"}, "iterations": 5000}},
+        "second_weights": None, "precision": "bfloat16", "min_probability": 0.9,
+        "covered": {"rule": "plausible adult volume"}, "cases": {"scan": case}, "failed": {}}))
+
+
+def test_an_unrecorded_pseudo_label_folder_becomes_the_next_round(tmp_path):
+    weights, run, out = setup(tmp_path)
+    provenance = json.loads((weights / "weights.json").read_text())
+    provenance["segmentation"]["pseudo_labels"]["rounds"][0]["folder"] = "RUNS/pseudo1"
+    (weights / "weights.json").write_text(json.dumps(provenance))
+    pseudo_labels_json(tmp_path / "runs" / "pseudo2")
+    assert install(out, weights, run) == 0
+    rounds = json.loads((weights / "weights.json").read_text())["segmentation"][
+        "pseudo_labels"]["rounds"]
+    assert [item["folder"] for item in rounds] == ["RUNS/pseudo1", "RUNS/pseudo2"]
+    assert rounds[0] == {"round": 1, "folder": "RUNS/pseudo1"}
+    new = rounds[1]
+    assert new["round"] == 2 and new["cases"] == ["scan"] and new["sample_share"] == 0.1
+    assert new["images"] == "../shared/data/unlabelled/images"
+    assert new["weights_sha256"] == {"segmentation.weights.h5": "ab"}
+    assert new["weights_export"] == {"segmentation": {"run": "prev"}}
+    assert new["made_on"] == "2026-12-07" and new["min_probability"] == 0.9
+    assert new["covered"] == {"rule": "plausible adult volume"}
+    assert new["per_case"]["scan"]["volumes_ml"]["pancreas"] == 78.59
+    assert set(new["per_case"]["scan"]) == {"volumes_ml", "covered", "ignored_share",
+                                            "ignored_share_of_organ_voxels"}
+
+
 def test_a_run_started_from_the_shipped_export_counts_from_zero(tmp_path):
     weights, run, out = setup(tmp_path)
     assert main([str(out), "--rule", "R-x", "--run", str(run), "--machine", "cpu",
@@ -132,7 +172,8 @@ def unchanged(weights, before):
     ("other network", "differs from the shipped localization network"),
     ("scratch", "started from scratch"),
     ("anatomy", "renders 100 anatomy maps, weights.json's real_anatomy counts 118"),
-    ("pseudo", "are not among weights.json's pseudo_labels rounds"),
+    ("pseudo", "pseudo2/pseudo_labels.json: missing, so the run's pseudo-label folder "
+               "RUNS/pseudo2, not among weights.json's pseudo_labels rounds, cannot be recorded"),
     ("machine", "machine 'gpu' is not among its machines (cpu)"),
     ("other run", "not of"),
     ("late checkpoint", "--from-checkpoint 2000: the candidate's snapshots"),
