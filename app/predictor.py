@@ -19,7 +19,7 @@ from app.geometry import Grid, from_canonical, to_canonical
 from app.localization import localization_grid, partial_fov_axes, roi_from_foreground
 from app.precision import build_networks, check_precision, default_precision
 from app.preprocessing import crop_margin_mm, extend_partial_axes, network_input
-from app.segmentation import labels_on_roi, paste, segmentation_grid
+from app.segmentation import drop_islands, labels_on_roi, paste, segmentation_grid
 from app.weights import (DEFAULT_WEIGHTS_DIR, LOCALIZATION_WEIGHTS, SEGMENTATION_WEIGHTS,
                          read_provenance, read_settings)
 
@@ -53,11 +53,18 @@ class Predictor:
     reads and prepares its first image. Each network's first call waits for it; ``predict``
     reports the waits as ``localization_warm_up`` and ``segmentation_warm_up`` seconds.
     ``warm_up=False`` loads in the constructor and runs nothing.
+
+    ``min_island_fraction``: after the argmax, an organ's connected pieces smaller than this
+    fraction of its largest piece become background (``segmentation.drop_islands``); 0 keeps
+    the argmax as it is, as the paper does.
     """
 
     def __init__(self, weights_dir=DEFAULT_WEIGHTS_DIR, precision=None, plain=False,
-                 warm_up=True):
+                 warm_up=True, min_island_fraction=method.MIN_ISLAND_FRACTION):
         weights_dir = Path(weights_dir)
+        if not 0.0 <= min_island_fraction <= 1.0:
+            raise ValueError(f"min_island_fraction {min_island_fraction} is not between 0 and 1")
+        self.min_island_fraction = min_island_fraction
         self.weights_dir = weights_dir
         paths = {"localization": weights_dir / LOCALIZATION_WEIGHTS,
                  "segmentation": weights_dir / SEGMENTATION_WEIGHTS}
@@ -226,6 +233,7 @@ class Predictor:
         lap("segmentation_network")
 
         roi_labels = labels_on_roi(probabilities, crop_grid, roi.grid(grid), plain=self.plain)
+        drop_islands(roi_labels, self.min_island_fraction)
         labels = sitk.GetImageFromArray(paste(roi_labels, roi, grid.size))
         labels.CopyInformation(canonical)
         labels = from_canonical(labels, orientation, image)

@@ -7,7 +7,7 @@ the organs the case covers.
 
     python -m release.score_weights [--weights weights] [--cases 10]
                                        [--anatomy ../shared/anatomy] [--update]
-                                       [--json FILE]
+                                       [--json FILE] [--min-island-fraction F]
 
 Generated test cases use seeds that training never uses (training/train.py draws its cases from
 seeds 1,000,000+ and 2,000,000+). With ``--anatomy`` the label maps that training holds out
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--update", action="store_true", help="write scores into weights.json")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the scores to this file (for release.shipping_rule)")
+    parser.add_argument("--min-island-fraction", type=float, default=method.MIN_ISLAND_FRACTION,
+                        help="drop each organ's pieces smaller than this fraction of its "
+                             "largest (Predictor's min_island_fraction; 0: the plain argmax)")
     return parser.parse_args(argv)
 
 
@@ -147,9 +150,9 @@ def score_anatomy(predictor, folder, in_plane_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    predictor = Predictor(args.weights)
+    predictor = Predictor(args.weights, min_island_fraction=args.min_island_fraction)
     scores = {"generated_unseen": score_generated(predictor, args.cases, args.in_plane_size),
-              "real_ct": score_real(predictor)}
+              "real_ct": score_real(predictor), "min_island_fraction": args.min_island_fraction}
     if args.anatomy:
         scores["anatomy_held_out"] = score_anatomy(predictor, args.anatomy, args.in_plane_size)
     print(json.dumps(scores, indent=2))

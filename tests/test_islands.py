@@ -1,0 +1,74 @@
+"""segmentation.drop_islands, the optional step after the argmax (rule R-islands in
+weights/MODEL_CARD.md): an organ's connected pieces smaller than a fraction of its largest piece
+become background, nothing else changes."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from app.segmentation import bounding_box, drop_islands
+from synthetic import generate_case
+from tests.test_predictor import geometry
+
+
+def scene():
+    labels = np.zeros((40, 40, 40), np.uint8)
+    labels[2:22, 2:22, 2:22] = 1          # liver, 8,000 voxels
+    labels[30, 30, 30] = 1                # a stray liver voxel far away
+    labels[22, 22, 22] = 1                # touches the liver only at a corner: same piece
+    labels[25:31, 2:8, 2:8] = 2           # right kidney, 216 voxels
+    labels[25:31, 2:8, 30:35] = 2         # left kidney, 180 voxels
+    labels[2:12, 30:38, 30:38] = 3        # spleen cut in two by a gap: 640 ...
+    labels[14:20, 30:38, 30:38] = 3       # ... and 384 voxels
+    labels[34:38, 34:38, 2:4] = 4         # pancreas, 32 voxels, one piece
+    labels[10, 10, 23] = 2                # a kidney voxel beside the liver: a kidney island
+    return labels
+
+
+def test_small_pieces_become_background_and_large_ones_stay():
+    labels = scene()
+    result = labels.copy()
+    assert drop_islands(result, 0.1) == 2
+    expected = labels.copy()
+    expected[30, 30, 30] = 0
+    expected[10, 10, 23] = 0
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_a_higher_fraction_keeps_fewer_pieces():
+    result = scene()
+    assert drop_islands(result, 0.9) == 2 + 180 + 384  # the smaller kidney and spleen part too
+    assert (result == 2).sum() == 216 and (result == 3).sum() == 640
+    assert (result == 1).sum() == 8001 and (result == 4).sum() == 32
+
+
+def test_fraction_zero_changes_nothing_and_a_bad_fraction_is_refused():
+    labels = scene()
+    result = labels.copy()
+    assert drop_islands(result, 0.0) == 0
+    np.testing.assert_array_equal(result, labels)
+    for fraction in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=f"min_fraction {fraction} is not between 0 and 1"):
+            drop_islands(result, fraction)
+
+
+def test_bounding_box():
+    mask = np.zeros((5, 6, 7), bool)
+    assert bounding_box(mask) is None
+    mask[1, 2, 3] = mask[3, 4, 1] = True
+    assert bounding_box(mask) == (slice(1, 4), slice(2, 5), slice(1, 4))
+
+
+def test_the_predictor_drops_islands_on_its_output_grid(predictor):
+    from app.predictor import Predictor
+
+    image, _ = generate_case(14, geometry=geometry(np.eye(3)))
+    plain = sitk.GetArrayFromImage(predictor.predict(image).labels)
+    # 1.0 keeps only each organ's largest piece: the smaller kidney goes at least
+    strict = Predictor(predictor.weights_dir, min_island_fraction=1.0).predict(image).labels
+    assert strict.GetSize() == image.GetSize() and strict.GetOrigin() == image.GetOrigin()
+    expected = plain.copy()
+    assert drop_islands(expected, 1.0) > 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(strict), expected)
+    with pytest.raises(ValueError, match="min_island_fraction 2 is not between 0 and 1"):
+        Predictor(predictor.weights_dir, min_island_fraction=2)
