@@ -72,3 +72,29 @@ def test_the_predictor_drops_islands_on_its_output_grid(predictor):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(strict), expected)
     with pytest.raises(ValueError, match="min_island_fraction 2 is not between 0 and 1"):
         Predictor(predictor.weights_dir, min_island_fraction=2)
+
+
+def test_the_command_takes_the_fraction_and_refuses_a_bad_one(tmp_path, predictor, capsys):
+    from app.cli import main
+
+    image, _ = generate_case(15, geometry=geometry(np.eye(3), size=(96, 96, 50)))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sitk.WriteImage(image, str(inputs / "case_0000.nii.gz"))
+    assert main([str(inputs), str(tmp_path / "plain"), "--quiet"], predictor=predictor) == 0
+    assert main([str(inputs), str(tmp_path / "strict"), "--quiet",
+                 "--min-island-fraction", "1"]) == 0
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain" / "case.nii.gz")))
+    assert drop_islands(expected, 1.0) > 0
+    strict = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "strict" / "case.nii.gz")))
+    np.testing.assert_array_equal(strict, expected)
+    # a loaded predictor with another fraction is refused before any work
+    assert main([str(inputs), str(tmp_path / "other"), "--quiet", "--min-island-fraction",
+                 "0.5"], predictor=predictor) == 2
+    assert "min_island_fraction 0.5: the predictor given was loaded with 0.0" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(inputs), str(tmp_path / "bad"), "--min-island-fraction", "1.5"])
+    assert exit_info.value.code == 2
+    assert "1.5 is not between 0 and 1" in capsys.readouterr().err
