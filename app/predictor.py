@@ -55,8 +55,8 @@ class Predictor:
     ``warm_up=False`` loads in the constructor and runs nothing.
 
     ``min_island_fraction``: after the argmax, an organ's connected pieces smaller than this
-    fraction of its largest piece become background (``segmentation.drop_islands``); 0 keeps
-    the argmax as it is, as the paper does.
+    fraction of its largest piece become background unless they touch the image's edge
+    (``segmentation.drop_islands``); 0 keeps the argmax as it is, as the paper does.
     """
 
     def __init__(self, weights_dir=DEFAULT_WEIGHTS_DIR, precision=None, plain=False,
@@ -233,7 +233,10 @@ class Predictor:
         lap("segmentation_network")
 
         roi_labels = labels_on_roi(probabilities, crop_grid, roi.grid(grid), plain=self.plain)
-        drop_islands(roi_labels, self.min_island_fraction)
+        # the ROI's faces that are the image's own: pieces there may be cut off by the scan
+        edges = tuple((roi.start[axis] == 0, roi.stop[axis] == grid.size[axis])
+                      for axis in (2, 1, 0))
+        drop_islands(roi_labels, self.min_island_fraction, edges)
         labels = sitk.GetImageFromArray(paste(roi_labels, roi, grid.size))
         labels.CopyInformation(canonical)
         labels = from_canonical(labels, orientation, image)

@@ -149,13 +149,21 @@ def paste(roi_labels, roi, image_size):
     return labels
 
 
-def drop_islands(labels, min_fraction):
+def drop_islands(labels, min_fraction, edges=None):
     """Relabel as background, in place, each organ's connected pieces (26-connectivity) holding
-    fewer voxels than ``min_fraction`` of that organ's largest piece; returns the number of
-    voxels relabelled. Ours, not the paper's (its labels are the plain argmax). A fraction rather
-    than the largest piece alone keeps both kidneys and an organ a thin slab cuts in two."""
+    fewer voxels than ``min_fraction`` of that organ's largest piece, except pieces that touch
+    the image's edge; returns the number of voxels relabelled. Ours, not the paper's (its labels
+    are the plain argmax).
+
+    Each organ is one connected piece, so only the scan's edge can cut a true piece off the
+    rest: a thin slab may hold a liver in several parts, all of them touching its edge. A
+    fraction rather than the largest piece alone keeps both kidneys. ``edges``: for each axis
+    of ``labels`` (low face, high face), whether that face is the image's edge (default: all
+    six, ``labels`` being the whole image; for an ROI, the faces it shares with the image)."""
     if not 0.0 <= min_fraction <= 1.0:
         raise ValueError(f"min_fraction {min_fraction} is not between 0 and 1")
+    if edges is None:
+        edges = ((True, True),) * labels.ndim
     dropped = 0
     if min_fraction == 0.0:
         return dropped
@@ -168,12 +176,26 @@ def drop_islands(labels, min_fraction):
         if count < 2:
             continue
         sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
-        small = np.flatnonzero(sizes < min_fraction * sizes.max()) + 1
-        if small.size:
-            stray = np.isin(pieces, small)
-            labels[box][stray] = 0
+        small = set(np.flatnonzero(sizes < min_fraction * sizes.max()) + 1)
+        small -= pieces_at_edges(pieces, box, labels.shape, edges)
+        if small:
+            small = np.array(sorted(small))
+            labels[box][np.isin(pieces, small)] = 0
             dropped += int(sizes[small - 1].sum())
     return dropped
+
+
+def pieces_at_edges(pieces, box, shape, edges):
+    """The piece numbers of ``pieces`` (labelled within ``box`` of an array of ``shape``) on
+    the faces of that array that ``edges`` marks as the image's edge."""
+    found = set()
+    for axis, (low, high) in enumerate(edges):
+        if low and box[axis].start == 0:
+            found.update(np.unique(np.take(pieces, 0, axis=axis)).tolist())
+        if high and box[axis].stop == shape[axis]:
+            found.update(np.unique(np.take(pieces, -1, axis=axis)).tolist())
+    found.discard(0)
+    return found
 
 
 def bounding_box(mask):

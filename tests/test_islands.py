@@ -1,6 +1,6 @@
-"""segmentation.drop_islands, the optional step after the argmax (rule R-islands in
-weights/MODEL_CARD.md): an organ's connected pieces smaller than a fraction of its largest piece
-become background, nothing else changes."""
+"""segmentation.drop_islands, the optional step after the argmax (rules R-islands and
+R-islands2 in weights/MODEL_CARD.md): an organ's connected pieces smaller than a fraction of its
+largest piece become background unless they touch the image's edge; nothing else changes."""
 
 import numpy as np
 import pytest
@@ -40,6 +40,23 @@ def test_a_higher_fraction_keeps_fewer_pieces():
     assert drop_islands(result, 0.9) == 2 + 180 + 384  # the smaller kidney and spleen part too
     assert (result == 2).sum() == 216 and (result == 3).sum() == 640
     assert (result == 1).sum() == 8001 and (result == 4).sum() == 32
+
+
+def test_a_piece_at_the_image_edge_is_kept_and_inside_it_is_not():
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[5:25, 5:25, 5:25] = 1           # the liver's main part
+    labels[0:2, 10:12, 10:12] = 1          # a small part cut off by the scan's lowest slice
+    labels[27:29, 10:12, 10:12] = 1        # a small part one slice short of the highest
+    result = labels.copy()
+    assert drop_islands(result, 0.1) == 8
+    assert (result[0:2] == 1).sum() == 8 and not result[27:29].any()
+    # as an ROI whose low z face lies inside the image: that part is no longer protected
+    inside = labels.copy()
+    assert drop_islands(inside, 0.1, ((False, True), (True, True), (True, True))) == 16
+    assert (inside == 1).sum() == 20 ** 3
+    # the high z face an edge: the part one slice short of it is still inside
+    high = labels.copy()
+    assert drop_islands(high, 0.1, ((False, True),) * 3) == 16
 
 
 def test_fraction_zero_changes_nothing_and_a_bad_fraction_is_refused():
