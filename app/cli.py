@@ -85,11 +85,10 @@ def parse_args(argv=None):
                              "(default: this machine's memory, or the container's limit)")
     parser.add_argument("--min-island-fraction", type=fraction, default=None, metavar="F",
                         help="after the argmax, relabel as background each organ's connected "
-                             "pieces smaller than F of its largest piece (default "
-                             f"{method.MIN_ISLAND_FRACTION:g}: none, the paper's plain argmax). "
-                             "0.1 raised the pancreas and spleen on held-out renderings but "
-                             "drops true liver pieces on thin slabs (weights/MODEL_CARD.md, "
-                             "rule R-islands)")
+                             "pieces smaller than F of its largest piece, except pieces that "
+                             f"touch the image's edge (default {method.MIN_ISLAND_FRACTION:g}; "
+                             "0: the paper's plain argmax; weights/MODEL_CARD.md, rule "
+                             "R-islands2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true",
                         help="also show the messages of TensorFlow, ITK and the NIfTI library "

@@ -26,8 +26,9 @@ LOCALIZATION_TRAINING_SIGMA_MM = 3.0  # Gaussian before linear downsampling (tra
 LOCALIZATION_DOWNSAMPLING = ("gaussian", "area")  # ours (training's), published inference's
 ROI_MARGIN_MM = 10.0
 # Ours: after the argmax, an organ's pieces under this fraction of its largest become background
-# (0: none, the paper's plain argmax; weights/MODEL_CARD.md, rule R-islands)
-MIN_ISLAND_FRACTION = 0.0
+# unless they touch the image's edge (0: none, the paper's plain argmax; weights/MODEL_CARD.md,
+# rules R-islands and R-islands2)
+MIN_ISLAND_FRACTION = 0.1
 SUSPICIOUS_SPACING_MM = (1.0, 1.0, 1.0)
 ASSUMED_SPACING_MM = (0.8145, 0.8145, 2.528)  # what the published code assumed then
 

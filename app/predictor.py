@@ -56,7 +56,8 @@ class Predictor:
 
     ``min_island_fraction``: after the argmax, an organ's connected pieces smaller than this
     fraction of its largest piece become background unless they touch the image's edge
-    (``segmentation.drop_islands``); 0 keeps the argmax as it is, as the paper does.
+    (``segmentation.drop_islands``; default ``method.MIN_ISLAND_FRACTION``, rule R-islands2 in
+    weights/MODEL_CARD.md); 0 keeps the argmax as it is, as the paper does.
     """
 
     def __init__(self, weights_dir=DEFAULT_WEIGHTS_DIR, precision=None, plain=False,
@@ -202,6 +203,17 @@ class Predictor:
         float32 (z, y, x, classes)."""
         return self._network("segmentation")(crop[None, ..., None]).numpy()[0]
 
+    def roi_labels(self, probabilities, crop_grid, roi, grid):
+        """The labels (z, y, x) on the ROI of the (canonical) image ``grid``: the argmax of the
+        SCN's ``probabilities`` on ``crop_grid`` resampled onto the ROI, then, with a
+        ``min_island_fraction``, an organ's small pieces dropped (not at the image's edge)."""
+        labels = labels_on_roi(probabilities, crop_grid, roi.grid(grid), plain=self.plain)
+        # the ROI's faces that are the image's own: pieces there may be cut off by the scan
+        edges = tuple((roi.start[axis] == 0, roi.stop[axis] == grid.size[axis])
+                      for axis in (2, 1, 0))
+        drop_islands(labels, self.min_island_fraction, edges)
+        return labels
+
     def predict(self, image):
         """Segment a CT (HU) image; returns a ``CaseResult`` whose uint8 labels lie on its grid."""
         seconds = {}
@@ -232,11 +244,7 @@ class Predictor:
         probabilities = segment(crop[None, ..., None]).numpy()[0]
         lap("segmentation_network")
 
-        roi_labels = labels_on_roi(probabilities, crop_grid, roi.grid(grid), plain=self.plain)
-        # the ROI's faces that are the image's own: pieces there may be cut off by the scan
-        edges = tuple((roi.start[axis] == 0, roi.stop[axis] == grid.size[axis])
-                      for axis in (2, 1, 0))
-        drop_islands(roi_labels, self.min_island_fraction, edges)
+        roi_labels = self.roi_labels(probabilities, crop_grid, roi, grid)
         labels = sitk.GetImageFromArray(paste(roi_labels, roi, grid.size))
         labels.CopyInformation(canonical)
         labels = from_canonical(labels, orientation, image)

@@ -18,6 +18,7 @@ from app import method
 from app.geometry import Grid, from_canonical, to_canonical
 from app.localization import Roi, localization_grid
 from app.predictor import Predictor
+from app.segmentation import drop_islands
 from app.weights import DEFAULT_WEIGHTS_DIR
 from synthetic import generate_case
 from training import augment
@@ -58,7 +59,8 @@ def reference_labels_and_confidence(predictor, image):
     """Labels, the largest class probability and the margin to the second largest, each a
     (z, y, x) array on the input's grid, computed the reference way: the predictor's steps,
     then SimpleITK's linear resampling of all channels onto the ROI (as
-    ``labels_on_roi(plain=True)``) and its argmax; outside the ROI background, probability 1."""
+    ``labels_on_roi(plain=True)``) and its argmax, an organ's small pieces dropped as
+    ``drop_islands`` drops them on the whole image; outside the ROI background, probability 1."""
     canonical, orientation = to_canonical(image)
     grid = Grid.of(canonical)
     loc_grid = localization_grid(grid)
@@ -80,6 +82,8 @@ def reference_labels_and_confidence(predictor, image):
                                    (ranked[..., -1] - ranked[..., -2], 1, np.float32)):
         full = np.full(tuple(reversed(grid.size)), outside, dtype)
         full[z0:z1, y0:y1, x0:x1] = inside
+        if dtype == np.uint8:  # the predictor's step after the argmax, on the whole image
+            drop_islands(full, predictor.min_island_fraction)
         full = sitk.GetImageFromArray(full)
         full.CopyInformation(canonical)
         arrays.append(sitk.GetArrayFromImage(from_canonical(full, orientation, image)))

@@ -56,7 +56,7 @@ from app import method
 from app.geometry import Grid, from_canonical, linear_positions, to_canonical
 from app.localization import localization_grid
 from app.precision import PRECISIONS
-from app.segmentation import labels_on_roi, paste
+from app.segmentation import paste
 
 # Measured with the shipped weights on 2 labelled real CT and 3 generated cases (docs/training.md,
 # "Pseudo-labels"): 0.9 ignores 76 % of the wrong voxels and 17 % of the organ voxels, leaving
@@ -131,7 +131,7 @@ def predict_with_confidence(predictor, image):
     """``Predictor.predict``'s labels of a CT (HU) image, and their confidence.
 
     The predictor's own steps (localization input, ROI, SCN crop and probabilities, the labels
-    by ``app.segmentation.labels_on_roi``), in ``predict``'s order; besides the labels, the
+    by ``Predictor.roi_labels``), in ``predict``'s order; besides the labels, the
     probabilities give the largest class probability on the ROI (``max_probability_on_roi``).
     """
     canonical, orientation = to_canonical(image)
@@ -141,7 +141,7 @@ def predict_with_confidence(predictor, image):
     crop_grid, crop = predictor.segmentation_input(canonical, roi)
     probabilities = predictor.segmentation_probabilities(crop)
     roi_grid = roi.grid(grid)
-    roi_labels = labels_on_roi(probabilities, crop_grid, roi_grid, plain=predictor.plain)
+    roi_labels = predictor.roi_labels(probabilities, crop_grid, roi, grid)
     labels = sitk.GetImageFromArray(paste(roi_labels, roi, grid.size))
     labels.CopyInformation(canonical)
     labels = from_canonical(labels, orientation, image)
