@@ -9,7 +9,9 @@ Cases: generated 512 x 512 x N images (``--sizes``; 0.8 mm in-plane, slices spre
 ``*_0000.nii.gz`` in ../shared/data/images (``--no-real`` leaves them out).
 
 Variants (``--variants``): ``fast`` is the shipped path (``Predictor()``: default precision,
-separable preprocessing, labels resampled by cells); ``fast-float32`` the same in float32;
+separable preprocessing, labels resampled by cells, an organ's small pieces dropped);
+``fast-float32`` the same in float32; ``fast-argmax`` the same without dropping small pieces
+(the plain argmax: the difference in ``resampling_back`` is that step's cost);
 ``plain`` the step-by-step float32 reference (``Predictor(precision="float32", plain=True)``,
 what the code did before the fast path); ``fast-lowmem`` the shipped path in a process started
 with ``LOW_MEMORY_ENV`` (oneDNN on malloc with huge pages instead of TensorFlow's pool). Every
@@ -66,6 +68,7 @@ VARIANTS = {
     "fast": ({}, {}),
     "fast-lowmem": ({}, LOW_MEMORY_ENV),
     "fast-float32": ({"precision": "float32"}, {}),
+    "fast-argmax": ({"min_island_fraction": 0.0}, {}),
     "plain": ({"precision": "float32", "plain": True}, {}),
 }
 PREDICT_STAGES = ("orientation", "localization_preprocessing", "localization_warm_up",
