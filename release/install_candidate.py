@@ -105,8 +105,8 @@ def check_anatomy(summary: dict, recorded: dict, run: Path):
 
 # What a pseudo-label round records of the folder's pseudo_labels.json (training.pseudo_label):
 # how the labels were thresholded and which organs they cover, and per case what came out.
-ROUND_SETTINGS = ("min_probability", "second_weights", "precision", "ignored", "outside_roi",
-                  "covered")
+ROUND_SETTINGS = ("min_probability", "min_island_fraction", "second_weights", "precision",
+                  "ignored", "outside_roi", "covered")
 ROUND_CASE_FIELDS = ("volumes_ml", "covered", "ignored_share", "ignored_share_of_organ_voxels")
 
 

@@ -125,6 +125,7 @@ def pseudo_labels_json(folder):
                     "date": "2026-12-07",
                     "segmentation": {"export": {"run": "prev"}, "iterations": 5000}},
         "second_weights": None, "precision": "bfloat16", "min_probability": 0.9,
+        "min_island_fraction": 0.1,
         "covered": {"rule": "plausible adult volume"}, "cases": {"scan": case}, "failed": {}}))
 
 
@@ -145,6 +146,7 @@ def test_an_unrecorded_pseudo_label_folder_becomes_the_next_round(tmp_path):
     assert new["weights_sha256"] == {"segmentation.weights.h5": "ab"}
     assert new["weights_export"] == {"segmentation": {"run": "prev"}}
     assert new["made_on"] == "2026-12-07" and new["min_probability"] == 0.9
+    assert new["min_island_fraction"] == 0.1
     assert new["covered"] == {"rule": "plausible adult volume"}
     assert new["per_case"]["scan"]["volumes_ml"]["pancreas"] == 78.59
     assert set(new["per_case"]["scan"]) == {"volumes_ml", "covered", "ignored_share",

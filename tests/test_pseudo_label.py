@@ -102,6 +102,7 @@ def test_a_corrupt_input_fails_by_its_name_and_the_other_cases_are_written(pseud
     # nothing half-written: no temporary entry is left anywhere
     assert not [p for p in out.rglob("*") if p.name.startswith(".partial-")]
     assert record["min_probability"] == MIN_PROBABILITY and record["second_weights"] is None
+    assert record["min_island_fraction"] == method.MIN_ISLAND_FRACTION == 0.1
     assert record["weights"]["folder"] == str(DEFAULT_WEIGHTS_DIR.resolve())
     assert record["weights"]["segmentation"]["iterations"] > 0
 

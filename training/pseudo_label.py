@@ -344,6 +344,8 @@ def run(images, out, weights_dir=None, min_probability=DEFAULT_MIN_PROBABILITY,
         "second_weights": weights_summary(second_weights) if second_weights else None,
         "precision": predictor.precision,
         "min_probability": min_probability,
+        # the labels are predict's: an organ's pieces under this fraction of its largest dropped
+        "min_island_fraction": predictor.min_island_fraction,
         "ignored": "largest class probability (linearly resampled onto the input grid) below "
                    "min_probability" + (", or the second weights' label differs"
                                         if second_weights else ""),
