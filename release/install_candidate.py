@@ -22,8 +22,9 @@ run trained after N0 is its own. Otherwise the run must have started from the sh
 yet becomes the network's next pseudo-label round, from the folder's own pseudo_labels.json
 (which weights made the labels, what they cover, the volumes); a folder without one is refused.
 What the runs cannot tell (the real-anatomy maps, partial labels, augmentation history) stays as
-recorded; a run that trained on other anatomy cases than the network records is refused, as
-that entry would then be wrong.
+recorded; a run that trained on other anatomy cases than the network records, or on a partly
+labelled case (its --data folders' declarations) that the network's ``partial_labels`` does not
+list with the same organs, is refused, as those entries would then be wrong.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from app import method
 from app.weights import DEFAULT_WEIGHTS_DIR, PROVENANCE, WEIGHTS_FILES
 from release.record_round import RecordError, candidate_entry, read_json, recorded_rule
 from training.provenance import OPTIONAL_RUN_FIELDS, RUN_FIELDS, run_summary
@@ -101,6 +103,31 @@ def check_anatomy(summary: dict, recorded: dict, run: Path):
             raise InstallError(f"{run / 'args.json'}: the run renders "
                                f"{summary['anatomy_training_cases']} anatomy maps, weights.json's "
                                f"real_anatomy counts {sum(maps.values())}: record its maps first")
+
+
+def check_partial_labels(args: dict, recorded: dict, run: Path):
+    """Refuse a run whose --data folders declare partly labelled cases (labelled.json,
+    dataset.json) that weights.json's ``partial_labels`` does not list with the same organs."""
+    from training.cases import case_coverage
+    from training.coverage import ALL_ORGANS, DeclarationError
+
+    listed = (recorded.get("partial_labels") or {}).get("cases", {})
+    for folder in args.get("data") or []:
+        if not Path(folder).is_dir():
+            raise InstallError(f"{run / 'args.json'}: its --data folder {folder} is not here, so "
+                               f"its partial labels cannot be checked")
+        try:
+            coverage = case_coverage(folder)
+        except DeclarationError as error:
+            raise InstallError(str(error)) from None
+        for case, covered in sorted(coverage.items()):
+            if tuple(covered) == tuple(ALL_ORGANS):
+                continue
+            organs = [method.LABELS[label] for label in covered]
+            if sorted(listed.get(case, [])) != sorted(organs):
+                raise InstallError(f"{run / 'args.json'}: case {case} of {folder} covers "
+                                   f"{organs}, weights.json's partial_labels lists "
+                                   f"{listed.get(case)}: record it first")
 
 
 # What a pseudo-label round records of the folder's pseudo_labels.json (training.pseudo_label):
@@ -175,6 +202,7 @@ def installed_entry(recorded: dict, run: Path, snapshots: list[tuple[str, int]],
     if folders:
         summary["pseudo_label_folders"] = [portable(p, run.parent) for p in folders]
     check_anatomy(summary, recorded, run)
+    check_partial_labels(args, recorded, run)
     pseudo_labels = pseudo_labels_with_run(recorded, folders, summary)
     first = recorded["iterations"]
     started = {"started_from": chain[-1]["run"]}

@@ -2,6 +2,7 @@
 weights.json gains its run, export, validation and scores from the run's and OUT's files."""
 
 import json
+import shutil
 
 import pytest
 
@@ -29,7 +30,15 @@ def make_run(runs, args=ARGS):
     run = runs / "decay"
     run.mkdir(parents=True)
     (run / "log.csv").write_text("\n".join(LOG) + "\n")
-    (run / "args.json").write_text(json.dumps({**args, "pseudo": [str(runs / "pseudo2")]}))
+    data = runs / "data"  # a fully labelled case and one whose labels cover the liver only
+    for folder in ("images", "labels"):
+        (data / folder).mkdir(parents=True)
+    for case in ("full", "part"):
+        (data / "images" / f"{case}_0000.nii.gz").write_bytes(b"")
+        (data / "labels" / f"{case}.nii.gz").write_bytes(b"")
+    (data / "labelled.json").write_text(json.dumps({"part": ["liver"]}))
+    (run / "args.json").write_text(json.dumps({**args, "data": [str(data)],
+                                               "pseudo": [str(runs / "pseudo2")]}))
     return run
 
 
@@ -46,6 +55,7 @@ def shipped(folder):
                          "warm_up_iterations": 100, "runs": [previous],
                          "real_anatomy": {"maps_used": {"btcv": 26, "word": 92}},
                          "pseudo_labels": {"rounds": [{"round": 1, "folder": "RUNS/pseudo2"}]},
+                         "partial_labels": {"cases": {"part": ["liver"]}},
                          "export": {"run": "prev", "mean_of_iterations": [4000, 4500, 5000]}},
         "scores": {"old": 1}, "shipping_rules": [{**RULE, "run": "decay"}]}))
     return folder
@@ -176,6 +186,9 @@ def unchanged(weights, before):
     ("anatomy", "renders 100 anatomy maps, weights.json's real_anatomy counts 118"),
     ("pseudo", "pseudo2/pseudo_labels.json: missing, so the run's pseudo-label folder "
                "RUNS/pseudo2, not among weights.json's pseudo_labels rounds, cannot be recorded"),
+    ("partial", "case part of DATA covers ['liver'], weights.json's partial_labels lists "
+                "['kidney']: record it first"),
+    ("no data", "its --data folder DATA is not here, so its partial labels cannot be checked"),
     ("machine", "machine 'gpu' is not among its machines (cpu)"),
     ("other run", "not of"),
     ("late checkpoint", "--from-checkpoint 2000: the candidate's snapshots"),
@@ -196,6 +209,12 @@ def test_what_cannot_be_installed_is_refused_and_nothing_changes(tmp_path, capsy
         provenance = json.loads((weights / "weights.json").read_text())
         provenance["segmentation"]["pseudo_labels"]["rounds"][0]["folder"] = "RUNS/other"
         (weights / "weights.json").write_text(json.dumps(provenance))
+    elif breaks == "partial":
+        provenance = json.loads((weights / "weights.json").read_text())
+        provenance["segmentation"]["partial_labels"]["cases"]["part"] = ["kidney"]
+        (weights / "weights.json").write_text(json.dumps(provenance))
+    elif breaks == "no data":
+        shutil.rmtree(tmp_path / "runs" / "data")
     elif breaks == "machine":
         argv[argv.index("cpu")] = "gpu"
     elif breaks == "other run":
@@ -205,5 +224,5 @@ def test_what_cannot_be_installed_is_refused_and_nothing_changes(tmp_path, capsy
     before = {p.name: p.read_bytes() for p in weights.iterdir()}
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert message in err, err
+    assert message.replace("DATA", str(tmp_path / "runs" / "data")) in err, err
     assert unchanged(weights, before)
