@@ -83,7 +83,7 @@ def parse_args(argv=None):
                         help="refuse, before reading its voxels, a case whose estimated memory "
                              "(the image plus 18 bytes per voxel) exceeds this many GiB "
                              "(default: this machine's memory, or the container's limit)")
-    parser.add_argument("--min-island-fraction", type=fraction, default=None, metavar="F",
+    parser.add_argument("--min-island-fraction", type=unit_interval, default=None, metavar="F",
                         help="after the argmax, relabel as background each organ's connected "
                              "pieces smaller than F of its largest piece, except pieces that "
                              f"touch the image's edge (default {method.MIN_ISLAND_FRACTION:g}; "
@@ -96,7 +96,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def fraction(text):
+def unit_interval(text):
+    """argparse type: a number from 0 to 1 (a fraction, a probability)."""
     try:
         value = float(text)
     except ValueError:

@@ -53,6 +53,7 @@ import SimpleITK as sitk
 
 from app import io as image_io
 from app import method
+from app.cli import unit_interval
 from app.geometry import Grid, from_canonical, linear_positions, to_canonical
 from app.localization import localization_grid
 from app.precision import PRECISIONS
@@ -79,7 +80,7 @@ def parse_args(argv=None):
                         help="weights folder that labels (default: weights/)")
     parser.add_argument("--out", type=Path, required=True,
                         help="pseudo-label folder: images/, labels/, ignore/, " + RECORD)
-    parser.add_argument("--min-probability", type=probability, default=DEFAULT_MIN_PROBABILITY,
+    parser.add_argument("--min-probability", type=unit_interval, default=DEFAULT_MIN_PROBABILITY,
                         help="voxels whose largest class probability is below this are ignored "
                              f"by training (default {DEFAULT_MIN_PROBABILITY})")
     parser.add_argument("--second-weights", type=Path, default=None,
@@ -94,16 +95,6 @@ def parse_args(argv=None):
                         help="the networks' precision (default: app's, bfloat16 on CPUs with "
                              "native bfloat16)")
     return parser.parse_args(argv)
-
-
-def probability(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
