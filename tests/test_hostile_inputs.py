@@ -445,8 +445,14 @@ def test_ctrl_c_prints_one_line_and_leaves_only_whole_outputs(real_ct, tmp_path)
     inputs.mkdir()
     for index in range(4):
         shutil.copy(real_ct, inputs / f"ct{index}_0000.nii.gz")
-    process = subprocess.Popen([PREDICT, str(inputs), str(outputs), "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a test run as a background job (`pytest ... &`) has SIGINT ignored, which a child would
+    # inherit; with a handler installed here, the child starts with the default action instead
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen([PREDICT, str(inputs), str(outputs), "--quiet"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     first = process.stdout.readline()  # the first case is done
     assert first.startswith("ct0: size"), first + process.stderr.read()
     process.send_signal(signal.SIGINT)
