@@ -161,11 +161,11 @@ def drop_islands(labels, min_fraction, edges=None):
     six, ``labels`` being the whole image; for an ROI, the faces it shares with the image)."""
     if not 0.0 <= min_fraction <= 1.0:
         raise ValueError(f"min_fraction {min_fraction} is not between 0 and 1")
+    if min_fraction == 0.0:
+        return 0
     if edges is None:
         edges = ((True, True),) * labels.ndim
     dropped = 0
-    if min_fraction == 0.0:
-        return dropped
     for label in method.LABELS:
         mask = labels == label
         box = bounding_box(mask)
@@ -188,8 +188,8 @@ def connected_pieces(mask):
     """(piece number per voxel, 0 outside; the number of pieces) of a boolean (z, y, x) mask,
     26-connectivity (ITK's connected components, fully connected)."""
     image = sitk.GetImageFromArray(mask.view(np.uint8))
-    pieces = sitk.ConnectedComponent(image, True)
-    return sitk.GetArrayFromImage(pieces), int(sitk.GetArrayViewFromImage(pieces).max())
+    pieces = sitk.GetArrayFromImage(sitk.ConnectedComponent(image, True))
+    return pieces, int(pieces.max())
 
 
 def pieces_at_edges(pieces, box, shape, edges):
