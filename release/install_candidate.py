@@ -47,8 +47,8 @@ from training.provenance import OPTIONAL_RUN_FIELDS, RUN_FIELDS, run_summary
 # chain are computed; validation and export are the candidate's).
 NETWORK_SETTINGS = ("generated_training_cases", "generated_in_plane_size", "real_training_data",
                     "real_sample_share", "real_sample_share_per_folder", "anatomy_training_cases",
-                    "anatomy_sample_share", "pseudo_sample_share", "sample_seed",
-                    "crop_size_zyx", "learning_rate", "warm_up_iterations",
+                    "anatomy_first_training_case", "anatomy_sample_share", "pseudo_sample_share",
+                    "sample_seed", "crop_size_zyx", "learning_rate", "warm_up_iterations",
                     "learning_rate_decay", "ema_decay", "precision")
 
 

@@ -111,6 +111,8 @@ def other_sources(args):
     out = {}
     if args.get("anatomy"):
         out["anatomy_training_cases"] = args["anatomy_cases"]
+        if args.get("anatomy_first_case"):
+            out["anatomy_first_training_case"] = args["anatomy_first_case"]
         out["anatomy_sample_share"] = args["anatomy_weight"]
     if args.get("pseudo"):
         out["pseudo_label_folders"] = args["pseudo"]
@@ -141,8 +143,8 @@ RUN_FIELDS = ("iterations", "training_wall_seconds", "generated_training_cases",
 # In a run's chain entry when its summary has them (older args.json files lack some).
 OPTIONAL_RUN_FIELDS = ("warm_up_iterations", "learning_rate_decay", "real_sample_share",
                        "real_sample_share_per_folder", "anatomy_training_cases",
-                       "anatomy_sample_share", "pseudo_label_folders", "pseudo_sample_share",
-                       "sample_seed")
+                       "anatomy_first_training_case", "anatomy_sample_share",
+                       "pseudo_label_folders", "pseudo_sample_share", "sample_seed")
 
 
 def chain_summary(runs, recorded=None):

@@ -60,6 +60,11 @@ def parse_args(argv=None):
     parser.add_argument("--anatomy-cases", type=int, default=120,
                         help="rendered training cases of real anatomy (maps taken in turn, each "
                              "rendering augmented and drawn anew)")
+    parser.add_argument("--anatomy-first-case", type=int, default=0, metavar="K",
+                        help="index of the first rendered real-anatomy training case: cases K "
+                             "to K + N - 1 (N = --anatomy-cases) are rendered, case i from map "
+                             "i mod the map count with its own seed, so K = the map count draws "
+                             "a second rendering of every map (new appearance and deformation)")
     parser.add_argument("--anatomy-weight", type=float, default=0.5,
                         help="share of training samples from rendered real anatomy")
     parser.add_argument("--pseudo", type=Path, action="append", default=[],
@@ -113,6 +118,8 @@ def parse_args(argv=None):
                      "--data folders: give one share in all or one per folder")
     if any(share < 0 for share in args.data_weight) or sum(args.data_weight) > 1:
         parser.error(f"--data-weight: shares {args.data_weight} must be >= 0 and sum to <= 1")
+    if args.anatomy_first_case < 0:
+        parser.error(f"--anatomy-first-case: {args.anatomy_first_case}, must be >= 0")
     if args.warm_up < 0:
         parser.error(f"--warm-up: {args.warm_up} iterations, must be >= 0")
     if (args.decay is None) != (args.final_learning_rate is None):
@@ -210,7 +217,9 @@ def prepare_cases(args):
                 read_label_map(path), seed, in_plane_size=args.generated_size,
                 augment=split == "train")), args.stage)
 
-        anatomy_jobs = [("train", i, maps[i % len(maps)]) for i in range(args.anatomy_cases)]
+        first = args.anatomy_first_case
+        anatomy_jobs = [("train", i, maps[i % len(maps)])
+                        for i in range(first, first + args.anatomy_cases)]
         anatomy_jobs += [("validation", i, path) for i, path in enumerate(held_maps)]
     else:
         anatomy_jobs = []
