@@ -214,6 +214,38 @@ def test_cli_renders_cases_around_a_map(tmp_path, capsys):
     assert cli_main(["--anatomy", str(tmp_path / "none"), "--out", str(out)]) == 2
 
 
+def test_training_renders_maps_in_turn_from_the_first_case_it_is_given(tmp_path):
+    from training.train import parse_args, prepare_cases
+
+    folder = tmp_path / "maps"
+    procedural_map(folder, seed=21, name="demo_0001")
+    procedural_map(folder, seed=22, name="demo_0002")
+
+    def rendered(first, cache):
+        args = parse_args(["--stage", "segmentation", "--run", str(tmp_path / "run"),
+                           "--cache", str(tmp_path / cache), "--anatomy", str(folder),
+                           "--anatomy-cases", "3", "--anatomy-first-case", str(first),
+                           "--generated", "0", "--validation", "0", "--generated-size", "48",
+                           "--workers", "1"])
+        return {case.name: sitk.GetArrayFromImage(case.segmentation_image)
+                for case in prepare_cases(args)[3]}
+
+    first, later = rendered(0, "cache_0"), rendered(2, "cache_2")  # separate caches
+    assert list(first) == ["anatomy_train_0000_demo_0001", "anatomy_train_0001_demo_0002",
+                           "anatomy_train_0002_demo_0001"]
+    assert list(later) == ["anatomy_train_0002_demo_0001", "anatomy_train_0003_demo_0002",
+                           "anatomy_train_0004_demo_0001"]
+    # a case index is one seed whatever the first case; the same map at another index is a
+    # new draw of appearance and deformation
+    np.testing.assert_array_equal(first["anatomy_train_0002_demo_0001"],
+                                  later["anatomy_train_0002_demo_0001"])
+    zero, four = first["anatomy_train_0000_demo_0001"], later["anatomy_train_0004_demo_0001"]
+    assert zero.shape != four.shape or not np.array_equal(zero, four)
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "segmentation", "--run", str(tmp_path / "run"),
+                    "--anatomy-first-case", "-1"])
+
+
 def test_benchmark_renders_the_asked_grid_and_reports_seconds(tmp_path, capsys):
     from benchmarks.rendering import main as benchmark_main
 
