@@ -159,8 +159,8 @@ def test_a_run_records_its_other_sources_and_seed_in_the_chain(tmp_path):
     write_run(tmp_path / "more", 20, ["20,0.4,8.0,"])
     args = json.loads((tmp_path / "more" / "args.json").read_text())
     args.update(anatomy="../shared/anatomy", anatomy_cases=118, anatomy_first_case=118,
-                anatomy_weight=0.55, pseudo=["runs/pseudo2"], pseudo_weight=0.1, seed=17, data=["a", "b"],
-                data_weight=[0.1, 0.05])
+                anatomy_weight=0.55, pseudo=["runs/pseudo2"], pseudo_weight=0.1, seed=17,
+                data=["a", "b"], data_weight=[0.1, 0.05])
     (tmp_path / "more" / "args.json").write_text(json.dumps(args))
     summary = chain_summary([tmp_path / "plain", tmp_path / "more"])
     plain, more = summary["runs"]
@@ -169,8 +169,8 @@ def test_a_run_records_its_other_sources_and_seed_in_the_chain(tmp_path):
                     "precision": "bfloat16", "real_sample_share": 0.15,
                     "real_sample_share_per_folder": {"a": 0.1, "b": 0.05},
                     "anatomy_training_cases": 118, "anatomy_first_training_case": 118,
-                    "anatomy_sample_share": 0.55, "pseudo_label_folders": ["runs/pseudo2"], "pseudo_sample_share": 0.1,
-                    "sample_seed": 17}
+                    "anatomy_sample_share": 0.55, "pseudo_label_folders": ["runs/pseudo2"],
+                    "pseudo_sample_share": 0.1, "sample_seed": 17}
     assert not {"anatomy_training_cases", "anatomy_first_training_case", "pseudo_label_folders",
                 "sample_seed"} & set(plain)
     assert summary["pseudo_sample_share"] == 0.1 and summary["iterations"] == 30
