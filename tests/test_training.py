@@ -18,13 +18,15 @@ from training.cases import prepare_case
 pytestmark = pytest.mark.slow  # training runs (make test-fast skips them)
 
 
-def labelled_phantom():
-    """An image whose HU encode its labels: HU = 100 * label - 500, on an oblique-free grid."""
+def labelled_phantom(ramp_hu_per_slice=0):
+    """An image whose HU encode its labels: HU = 100 * label - 500, on an oblique-free grid;
+    ``ramp_hu_per_slice`` adds that many HU per slice (z), so that no two slices are alike."""
     labels = np.zeros((60, 70, 80), np.uint8)
     labels[15:45, 20:40, 10:35] = 1
     labels[20:40, 30:55, 45:70] = 3
     labels[25:35, 45:60, 30:50] = 4
-    image = sitk.GetImageFromArray(100 * labels.astype(np.int16) - 500)
+    ramp = ramp_hu_per_slice * np.arange(labels.shape[0], dtype=np.int16)[:, None, None]
+    image = sitk.GetImageFromArray(100 * labels.astype(np.int16) - 500 + ramp)
     image.SetSpacing((3.0, 3.0, 3.0))
     image.SetOrigin((-100.0, 50.0, 20.0))
     label_image = sitk.GetImageFromArray(labels)
@@ -71,12 +73,13 @@ def test_keep_slab_repeats_the_edge_rows_of_image_and_labels():
 
 
 def test_slab_samples_keep_only_a_slab_of_rows_and_coarsen_the_spacing(phantom):
+    ramped = labelled_phantom(ramp_hu_per_slice=5)  # the slab's own rows all differ
     none = augment.AugmentationRanges.none()
     thin = replace(none, slab_probability=1.0, slab_thickness_mm=(20.0, 20.0),
                    slab_spacing_mm=(2.5, 2.5))
     rng = np.random.default_rng(11)
     for _ in range(6):
-        image, labels = augment.segmentation_sample(phantom, rng, (32, 32, 32), thin,
+        image, labels = augment.segmentation_sample(ramped, rng, (32, 32, 32), thin,
                                                     organ_centred=1.0)
         # 20 mm at 2.5 mm: image and labels change between at most 8 pairs of neighbouring rows
         # (the rest repeat the slab's edge rows), and the organ-centred slab holds labels
@@ -356,8 +359,9 @@ def test_float16_with_loss_scaling_trains_as_float32_does(phantom, precision):
     # the same path while the steps are large (later, lr 1e-3 makes both oscillate, and the
     # small differences of float16 decide which way)
     np.testing.assert_allclose(float16[:6, 0], float32[:6, 0], rtol=0.02)
-    # the norm is that of the unscaled gradients (scaled, it would be 2**15 times larger)
-    np.testing.assert_allclose(float16[:6, 1], float32[:6, 1], rtol=0.05)
+    # the norm is that of the unscaled gradients (scaled, it would be 2**15 times larger; by the
+    # sixth step float16's rounding has moved it a few per cent)
+    np.testing.assert_allclose(float16[:6, 1], float32[:6, 1], rtol=0.1)
 
 
 def test_a_float16_overflow_skips_the_step_and_halves_the_loss_scale(phantom, precision):

@@ -33,7 +33,8 @@ AUGMENTATION_ROOM_MM = 48.0
 
 @dataclass
 class PreparedCase:
-    """One case ready for augmentation. Images in HU (float32), labels uint8, canonical frame."""
+    """One case ready for augmentation. Images in whole HU (int16), labels uint8, canonical
+    frame."""
 
     name: str
     image_grid: Grid  # the canonical full-resolution image's grid
@@ -127,13 +128,23 @@ def prepare_case(name, image, labels, covered=ALL_ORGANS, ignore=None):
 
 
 def _hu_image(image, grid, sigma_mm):
-    """Anti-aliased HU image on ``grid`` (the same smoothing as inference), padded -1024 HU."""
+    """Anti-aliased HU image on ``grid`` (the same smoothing as inference), padded -1024 HU,
+    in whole HU (int16, see ``whole_hu``)."""
     scaled = network_input(image, grid, sigma_mm, method.PADDING_HU)
-    hu = sitk.GetImageFromArray(scaled * np.float32(method.INTENSITY_DIVISOR_HU))
+    hu = sitk.GetImageFromArray(whole_hu(scaled * np.float32(method.INTENSITY_DIVISOR_HU)))
     hu.SetSpacing(grid.spacing_mm)
     hu.SetOrigin(grid.origin_mm)
     hu.SetDirection(grid.direction)
     return hu
+
+
+def whole_hu(hu):
+    """HU rounded to int16. A prepared case's images are held in memory for a whole run; int16
+    halves what float32 needs (so a run holds twice the cases), and a step of 1 HU is far below CT
+    noise and below the network's input resolution (1/2048 per HU before the augmentation's
+    linear interpolation, which resamples to float32). The network's input is clipped to
+    +-2048 HU, well inside int16."""
+    return np.rint(np.clip(hu, -32768, 32767)).astype(np.int16)
 
 
 def load_case(name, image_path, label_path, covered=ALL_ORGANS, ignore_path=None):

@@ -7,7 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from app.geometry import Grid
-from training.cases import PreparedCase
+from training.cases import PreparedCase, whole_hu
 from training.coverage import ALL_ORGANS
 
 IMAGES = ("localization_image", "localization_labels", "segmentation_image",
@@ -36,17 +36,28 @@ def load(folder, stage=None):
     organ (they were all fully labelled), and those written before ignore masks existed have
     none. With ``stage`` ("localization" or "segmentation") only that network's images are read
     and the other's are None: a localization run then holds a few MB per case instead of the
-    2 mm images around the organs."""
+    2 mm images around the organs. Images of entries written in float32 are held in int16
+    (``cases.whole_hu``), as new entries are written."""
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
     fields = IMAGES + (IGNORE_IMAGES if meta.get("ignore") else ())
     images = {field: None for field in fields}
     images.update({field: sitk.ReadImage(str(folder / f"{field}.mha")) for field in fields
                    if stage is None or field.startswith(stage)})
+    for field in ("localization_image", "segmentation_image"):
+        if images[field] is not None and images[field].GetPixelID() != sitk.sitkInt16:
+            images[field] = as_whole_hu(images[field])  # an entry written in float32
     grid = Grid(**{k: tuple(v) for k, v in meta["image_grid"].items()})
     return PreparedCase(meta["name"], grid, **images, roi_low_mm=np.array(meta["roi_low_mm"]),
                         roi_high_mm=np.array(meta["roi_high_mm"]),
                         covered=tuple(meta.get("covered", ALL_ORGANS)))
+
+
+def as_whole_hu(image):
+    """A float HU image as ``cases.whole_hu`` holds it (int16), with its geometry."""
+    out = sitk.GetImageFromArray(whole_hu(sitk.GetArrayViewFromImage(image)))
+    out.CopyInformation(image)
+    return out
 
 
 def cached(cache_dir, name, prepare, stage=None):
