@@ -5,7 +5,7 @@ import SimpleITK as sitk
 
 from synthetic import generate_case
 from training.cases import prepare_case
-from training.store import IMAGES, cached, load
+from training.store import IMAGES, cached, held_bytes, load
 
 
 def test_a_stage_reads_only_its_own_images_and_they_equal_the_prepared_ones(tmp_path):
@@ -67,3 +67,8 @@ def test_images_are_held_in_whole_hu_and_float32_entries_load_as_such(tmp_path):
                              for image in (old, loaded))
     assert exact.std() > 0.01  # the crop holds structure
     assert np.abs(held - exact).max() <= 0.5 / 2048 + 1e-6
+
+    # what a run holds of this case: 2 bytes a voxel of each image, 1 of each label image
+    voxels = [int(np.prod(getattr(case, field).GetSize())) for field in IMAGES]
+    assert held_bytes([case]) == 2 * voxels[0] + voxels[1] + 2 * voxels[2] + voxels[3]
+    assert held_bytes([case, case]) == 2 * held_bytes([case])

@@ -180,7 +180,8 @@ def count_h5_values(path):
     return total
 
 
-def test_tiny_training_run_resumes_and_exports_exactly_the_model_variables(tmp_path):
+def test_tiny_training_run_resumes_and_exports_exactly_the_model_variables(tmp_path, capsys):
+    from training.store import held_bytes, load
     from training.train import main
 
     run = tmp_path / "run"
@@ -189,6 +190,10 @@ def test_tiny_training_run_resumes_and_exports_exactly_the_model_variables(tmp_p
               "--checkpoint-every", "2", "--validate-every", "2", "--precision", "float32",
               "--workers", "1"]
     main(common + ["--iterations", "2"])
+    # the run says what its cases hold in memory: here the SCN's images of its three cases
+    held = held_bytes(load(entry, "segmentation") for entry in (run / "cache").iterdir())
+    assert held > 3e6  # tens of MB: the 1.5 mm images around the organs
+    assert f", {held / 1e6:,.0f} MB of images in memory (" in capsys.readouterr().out
     main(common + ["--iterations", "4", "--export", str(tmp_path / "weights")])
     with open(run / "log.csv") as f:
         rows = list(csv.DictReader(f))

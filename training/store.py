@@ -60,6 +60,14 @@ def as_whole_hu(image):
     return out
 
 
+def held_bytes(cases):
+    """Bytes of the images (and labels and ignore masks) that prepared ``cases`` hold in memory:
+    what a training run keeps for its whole length."""
+    return sum(sitk.GetArrayViewFromImage(image).nbytes for case in cases
+               for field in IMAGES + IGNORE_IMAGES
+               if (image := getattr(case, field)) is not None)
+
+
 def cached(cache_dir, name, prepare, stage=None):
     """The prepared case ``name`` from the cache (only ``stage``'s images, see ``load``), or
     ``prepare()`` it and store it there whole."""

@@ -426,6 +426,7 @@ def train(args: argparse.Namespace):
     from app.networks import build_localization_net, build_scn
     from training import augment
     from training.coverage import coverage_vector
+    from training.store import held_bytes
     from training.validation import validate
 
     args.run.mkdir(parents=True, exist_ok=True)
@@ -473,10 +474,12 @@ def train(args: argparse.Namespace):
     real, generated, validation, anatomy = prepare_cases(args)
     pseudo = prepare_pseudo_cases(args) if args.pseudo else []
     real_groups = folder_shares(args.data, args.data_weight, real)
+    held = held_bytes(real + anatomy + generated + pseudo + validation)
     print(f"{len(real)} real + {len(anatomy)} real-anatomy + {len(generated)} generated "
           + (f"+ {len(pseudo)} pseudo-labelled " if args.pseudo else "")
-          + f"training cases, {len(validation)} validation cases "
-          f"({time.time() - start_time:.0f} s)", flush=True)
+          + f"training cases, {len(validation)} validation cases, "
+          f"{held / 1e6:,.0f} MB of images in memory ({time.time() - start_time:.0f} s)",
+          flush=True)
     # Ignore masks travel with the samples only when some case has one: other runs keep the
     # pipeline and train step they had; a case without one then gets an all-zero mask, which
     # gives the losses it had (training/losses.py).
