@@ -143,7 +143,8 @@ def whole_hu(hu):
     halves what float32 needs (with the labels, 3 bytes a voxel instead of 5), and a step of
     1 HU is far below CT noise and below the network's input resolution (1/2048 per HU before
     the augmentation's linear interpolation, which resamples to float32). The network's input
-    is clipped to +-2048 HU, well inside int16."""
+    is clipped to +-2048 HU, well inside int16; the clip here only keeps any other input from
+    wrapping around."""
     return np.rint(np.clip(hu, -32768, 32767)).astype(np.int16)
 
 
