@@ -2,6 +2,7 @@
 throughput of the augmentation pipeline alone (which must outpace the network).
 
     PYTHONPATH=. .venv/bin/python -m benchmarks.training [--steps 10] [--samples 20] [--no-network]
+        [--image-quality P]
 
 The network step is the real one of training/train.py (loss, clipping, Adam, EMA) on a crop of the
 training size; its content does not change the arithmetic. The pipeline draws augmented samples
@@ -31,6 +32,9 @@ def parse_args(argv=None):
     parser.add_argument("--samples", type=int, default=20, help="timed augmented samples per stage")
     parser.add_argument("--workers", type=int, default=2,
                         help="parallel map calls of the pipeline, as in training")
+    parser.add_argument("--image-quality", type=float, default=0.0, metavar="P",
+                        help="share of samples with another scanner's image quality, as "
+                             "training.train's option (its cost is in the pipeline's rate)")
     parser.add_argument("--no-network", dest="network", action="store_false",
                         help="skip the network steps: case preparation and the pipeline only")
     parser.add_argument("--cache", type=Path, default=None,
@@ -69,17 +73,20 @@ def network_seconds_per_step(stage, precision, crop_size_zyx, steps):
         keras.mixed_precision.set_global_policy("float32")
 
 
-def pipeline_samples_per_second(stage, cases, crop_size_zyx, samples, workers):
+def pipeline_samples_per_second(stage, cases, crop_size_zyx, samples, workers, image_quality=0.0):
     """Augmented samples per second from the training tf.data pipeline with ``workers`` parallel
-    map calls, drawn as fast as it delivers them (no network step in between)."""
+    map calls, drawn as fast as it delivers them (no network step in between); ``image_quality``
+    as training.train's ``--image-quality``."""
     from training import augment
     from training.train import sample_dataset
+
+    ranges = augment.AugmentationRanges(quality_probability=image_quality)
 
     def make_sample(rng):
         case = cases[rng.integers(len(cases))]
         if stage == "segmentation":
-            return augment.segmentation_sample(case, rng, crop_size_zyx)
-        return augment.localization_sample(case, rng, max_size_zyx=crop_size_zyx)
+            return augment.segmentation_sample(case, rng, crop_size_zyx, ranges)
+        return augment.localization_sample(case, rng, ranges, max_size_zyx=crop_size_zyx)
 
     iterator = iter(sample_dataset(make_sample, seed=0, workers=workers, depth=workers))
     try:
@@ -134,11 +141,12 @@ def main(argv=None):
             print(f"\nper generated case (256 x 256 in plane), {len(preparing)} cases: generation "
                   f"{np.mean(generating):.2f} s, preparation for training "
                   f"{np.mean(preparing):.2f} s")
-        print(f"\n| stage | augmented samples / s ({args.workers} parallel calls) |")
+        print(f"\n| stage | augmented samples / s ({args.workers} parallel calls, image quality "
+              f"{args.image_quality}) |")
         print("|---|---|")
         for stage in args.stages:
             rate = pipeline_samples_per_second(stage, cases, args.crop_size, args.samples,
-                                               args.workers)
+                                               args.workers, args.image_quality)
             print(f"| {stage} | {rate:.2f} |", flush=True)
 
 

@@ -48,8 +48,8 @@ from training.provenance import OPTIONAL_RUN_FIELDS, RUN_FIELDS, run_summary
 NETWORK_SETTINGS = ("generated_training_cases", "generated_in_plane_size", "real_training_data",
                     "real_sample_share", "real_sample_share_per_folder", "anatomy_training_cases",
                     "anatomy_first_training_case", "anatomy_sample_share", "pseudo_sample_share",
-                    "sample_seed", "crop_size_zyx", "learning_rate", "warm_up_iterations",
-                    "learning_rate_decay", "ema_decay", "precision")
+                    "image_quality_share", "sample_seed", "crop_size_zyx", "learning_rate",
+                    "warm_up_iterations", "learning_rate_decay", "ema_decay", "precision")
 
 
 class InstallError(RecordError):

@@ -160,6 +160,7 @@ def test_a_run_records_its_other_sources_and_seed_in_the_chain(tmp_path):
     args = json.loads((tmp_path / "more" / "args.json").read_text())
     args.update(anatomy="../shared/anatomy", anatomy_cases=118, anatomy_first_case=118,
                 anatomy_weight=0.55, pseudo=["runs/pseudo2"], pseudo_weight=0.1, seed=17,
+                image_quality=0.3,
                 data=["a", "b"], data_weight=[0.1, 0.05])
     (tmp_path / "more" / "args.json").write_text(json.dumps(args))
     summary = chain_summary([tmp_path / "plain", tmp_path / "more"])
@@ -170,7 +171,8 @@ def test_a_run_records_its_other_sources_and_seed_in_the_chain(tmp_path):
                     "real_sample_share_per_folder": {"a": 0.1, "b": 0.05},
                     "anatomy_training_cases": 118, "anatomy_first_training_case": 118,
                     "anatomy_sample_share": 0.55, "pseudo_label_folders": ["runs/pseudo2"],
-                    "pseudo_sample_share": 0.1, "sample_seed": 17}
+                    "pseudo_sample_share": 0.1, "image_quality_share": 0.3,
+                    "sample_seed": 17}
     assert not {"anatomy_training_cases", "anatomy_first_training_case", "pseudo_label_folders",
-                "sample_seed"} & set(plain)
+                "image_quality_share", "sample_seed"} & set(plain)
     assert summary["pseudo_sample_share"] == 0.1 and summary["iterations"] == 30

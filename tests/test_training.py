@@ -167,6 +167,91 @@ def test_samples_are_deterministic_for_a_seed(phantom):
     np.testing.assert_array_equal(la, lb)
 
 
+def fixed_quality(slice_mm=2.0, blur_mm=0.0, noise_hu=0.0):
+    """Ranges whose image-quality draws can only give these values."""
+    return augment.AugmentationRanges(quality_probability=1.0, quality_slice_mm=(slice_mm,) * 2,
+                                      quality_blur_mm=(blur_mm,) * 2,
+                                      quality_noise_hu=(noise_hu,) * 2)
+
+
+def rise_distance(profile, spacing_mm):
+    """mm between the 10 % and 90 % points of a rising edge profile."""
+    low, high = profile.min(), profile.max()
+    positions = np.arange(len(profile)) * spacing_mm
+    return (np.interp(low + 0.9 * (high - low), profile, positions)
+            - np.interp(low + 0.1 * (high - low), profile, positions))
+
+
+def test_scanner_quality_thickens_slices_softens_the_kernel_and_adds_noise():
+    rng = np.random.default_rng(0)
+    spacing = (2.0, 2.0, 2.0)
+    flat = np.full((40, 40, 40), 40.0, np.float32)
+    noisy = augment.scanner_quality(flat, spacing, rng, fixed_quality(noise_hu=12.0))
+    assert noisy.mean() == pytest.approx(40.0, abs=0.2)
+    assert noisy.std() == pytest.approx(12.0, rel=0.02)
+
+    z_edge = np.zeros((40, 8, 8), np.float32)
+    z_edge[20:] = 100.0
+    same = augment.scanner_quality(z_edge, spacing, rng, fixed_quality(slice_mm=2.0))
+    np.testing.assert_array_equal(same, z_edge)  # the grid's own 2 mm: nothing to widen
+    thick = augment.scanner_quality(z_edge, spacing, rng, fixed_quality(slice_mm=6.0))
+    # a Gaussian profile rises from 10 % to 90 % over 2.563 sigma; sigma = sqrt(6^2 - 2^2) / 2.355
+    sigma_mm = np.sqrt(6.0 ** 2 - 2.0 ** 2) / augment.FWHM_PER_SIGMA
+    assert rise_distance(thick[:, 4, 4], 2.0) == pytest.approx(2.563 * sigma_mm, rel=0.1)
+    np.testing.assert_array_equal(thick[:, 0, :], thick[:, 7, :])  # in-plane untouched
+
+    x_edge = np.zeros((8, 8, 40), np.float32)
+    x_edge[..., 20:] = 100.0
+    fine = (2.0, 0.5, 0.5)  # in-plane voxels well below the blur, so that they do not add width
+    soft = augment.scanner_quality(x_edge, fine, rng, fixed_quality(blur_mm=1.5))
+    assert rise_distance(soft[4, 4], 0.5) == pytest.approx(2.563 * 1.5, rel=0.1)
+    np.testing.assert_array_equal(soft[0], soft[7])  # along z untouched at 2 mm slices
+
+
+# Where seed 8's stream stands after one default sample of the phantom, as the code before the
+# image-quality option left it: runs without the option resume onto the same samples only if
+# the option, off, draws nothing.
+STREAM_AFTER_SEGMENTATION_SAMPLE = 20967617548962139790724721831013389412
+STREAM_AFTER_LOCALIZATION_SAMPLE = 283425554028312212913246414765404160975
+
+
+def test_image_quality_off_leaves_samples_as_they_were_and_on_changes_only_the_image(phantom):
+    """Off, nothing is drawn, whatever the quality ranges say. On, the same draws give the same
+    labels and another image."""
+    crop = (32, 32, 32)
+    wild = fixed_quality(slice_mm=9.0, blur_mm=3.0, noise_hu=50.0)
+    off = replace(wild, quality_probability=0.0)
+    rng = np.random.default_rng(8)
+    augment.segmentation_sample(phantom, rng, crop, off)
+    assert rng.bit_generator.state["state"]["state"] == STREAM_AFTER_SEGMENTATION_SAMPLE
+    rng = np.random.default_rng(8)
+    augment.localization_sample(phantom, rng, off)
+    assert rng.bit_generator.state["state"]["state"] == STREAM_AFTER_LOCALIZATION_SAMPLE
+
+    base = augment.AugmentationRanges(slab_probability=0.0)
+    image, labels = augment.segmentation_sample(phantom, np.random.default_rng(8), crop, base)
+    same, same_labels = augment.segmentation_sample(
+        phantom, np.random.default_rng(8), crop, replace(off, slab_probability=0.0))
+    np.testing.assert_array_equal(same, image)
+    np.testing.assert_array_equal(same_labels, labels)
+    changed, changed_labels = augment.segmentation_sample(
+        phantom, np.random.default_rng(8), crop, replace(wild, slab_probability=0.0))
+    np.testing.assert_array_equal(changed_labels, labels)
+    difference = (changed - image) * method.INTENSITY_DIVISOR_HU
+    assert 40 < difference.std() < 200  # 50 HU of noise, the edges softened
+
+
+def test_image_quality_share_must_be_a_share(tmp_path):
+    from training.train import parse_args
+
+    for share in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            parse_args(["--stage", "segmentation", "--run", str(tmp_path / "run"),
+                        "--image-quality", share])
+    assert parse_args(["--stage", "segmentation", "--run", str(tmp_path / "run"),
+                       "--image-quality", "0.3"]).image_quality == 0.3
+
+
 def count_h5_values(path):
     total = 0
 
@@ -188,8 +273,9 @@ def test_tiny_training_run_resumes_and_exports_exactly_the_model_variables(tmp_p
     common = ["--stage", "segmentation", "--run", str(run), "--generated", "2",
               "--generated-size", "64", "--validation", "1", "--crop-size", "32", "32", "32",
               "--checkpoint-every", "2", "--validate-every", "2", "--precision", "float32",
-              "--workers", "1"]
+              "--workers", "1", "--image-quality", "0.5"]
     main(common + ["--iterations", "2"])
+    assert json.loads((run / "args.json").read_text())["image_quality"] == 0.5
     # the run says what its cases hold in memory: here the SCN's images of its three cases
     held = held_bytes(load(entry, "segmentation") for entry in (run / "cache").iterdir())
     assert held > 3e6  # tens of MB: the 1.5 mm images around the organs

@@ -25,12 +25,14 @@ def test_case_preparation_is_timed_only_when_a_case_is_prepared(tmp_path):
 
 def test_pipeline_only_run_prints_preparation_and_sample_rate(tmp_path, capsys):
     benchmark.main(["--no-network", "--stages", "segmentation", "--samples", "2",
-                    "--crop-size", "32", "32", "32", "--cache", str(tmp_path)])
+                    "--crop-size", "32", "32", "32", "--cache", str(tmp_path),
+                    "--image-quality", "1"])
     printed = capsys.readouterr().out
     assert "s / step" not in printed  # no network table
     seconds = re.search(r"2 cases: generation ([0-9.]+) s, preparation for training ([0-9.]+) s",
                         printed)
     assert seconds and float(seconds.group(1)) > 0 and float(seconds.group(2)) > 0
+    assert "image quality 1.0) |" in printed
     rate = re.search(r"^\| segmentation \| ([0-9.]+) \|$", printed, re.MULTILINE)
     assert rate and float(rate.group(1)) > 0
 

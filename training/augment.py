@@ -4,13 +4,15 @@ Each sample is resampled once, from a prepared case (training/cases.py), through
 transform: affine (translation, rotation, scaling) after an elastic B-spline deformation. The image
 is interpolated linearly, the labels by nearest neighbour, so they stay aligned; a pseudo-labelled
 case's ignore mask (training/cases.py) goes through the same transform by nearest neighbour, as
-its labels do.
+its labels do. Optionally (``quality_probability``) a sample's image is then shown as another
+scanner would show it (``scanner_quality``).
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from app import method
 from app.geometry import Grid, centred_grid, image_centre_axis_mm
@@ -37,12 +39,19 @@ class AugmentationRanges:
     slab_probability: float = 0.2
     slab_thickness_mm: tuple = (20.0, 160.0)
     slab_spacing_mm: tuple = (method.SEGMENTATION_SPACING_MM, 3.4)
+    # Ours: image quality drawn anew per sample (``scanner_quality``). Off by default, and then
+    # it draws nothing, so runs without it keep their samples. A real case otherwise shows one
+    # scanner's noise, sharpness and slice thickness in every sample.
+    quality_probability: float = 0.0
+    quality_noise_hu: tuple = (0.0, 20.0)
+    quality_blur_mm: tuple = (0.0, 1.5)
+    quality_slice_mm: tuple = (2.0, 6.0)
 
     @classmethod
     def none(cls):
         return cls(translation_mm=0.0, rotation_rad=0.0, scale=0.0, axis_scale=0.0,
                    elastic_mm=0.0, intensity_shift=0.0, intensity_scale=0.0,
-                   slab_probability=0.0)
+                   slab_probability=0.0, quality_probability=0.0)
 
 
 def rotation_matrix(angles_rad):
@@ -172,11 +181,39 @@ def resample_pair(image, labels, grid, transform, rng, ranges):
                           method.PADDING_HU, sitk.sitkFloat32)
     labels = sitk.Resample(labels, grid.reference(), transform, sitk.sitkNearestNeighbor, 0,
                            sitk.sitkUInt8)
-    scaled = scale_intensity(sitk.GetArrayViewFromImage(image))
+    hu = sitk.GetArrayViewFromImage(image)
     shift = rng.uniform(-ranges.intensity_shift, ranges.intensity_shift)
     factor = 1 + rng.uniform(-ranges.intensity_scale, ranges.intensity_scale)
+    if ranges.quality_probability > 0 and rng.uniform() < ranges.quality_probability:
+        hu = scanner_quality(hu, tuple(reversed(grid.spacing_mm)), rng, ranges)
+    scaled = scale_intensity(hu)
     scaled = np.clip((scaled + shift) * factor, -1.0, 1.0).astype(np.float32)
     return scaled, sitk.GetArrayFromImage(labels)
+
+
+# A Gaussian of standard deviation sigma has a full width at half maximum of this times sigma.
+FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+
+
+def scanner_quality(hu, spacing_zyx_mm, rng, ranges):
+    """``hu`` (z, y, x) as another scanner and protocol might have shown it: thicker slices (a
+    Gaussian slice profile along z whose full width at half maximum is drawn from
+    ``ranges.quality_slice_mm``; the grid's own spacing counts as the width it already has), a
+    softer in-plane kernel (Gaussian, sigma drawn from ``ranges.quality_blur_mm``) and more
+    quantum noise (white, sigma drawn from ``ranges.quality_noise_hu``). New float32 array."""
+    slice_mm = rng.uniform(*ranges.quality_slice_mm)
+    blur_mm = rng.uniform(*ranges.quality_blur_mm)
+    noise_hu = rng.uniform(*ranges.quality_noise_hu)
+    spacing = np.asarray(spacing_zyx_mm, dtype=float)
+    sigma_z_mm = np.sqrt(max(slice_mm ** 2 - spacing[0] ** 2, 0.0)) / FWHM_PER_SIGMA
+    sigma_voxels = np.array([sigma_z_mm, blur_mm, blur_mm]) / spacing
+    out = np.asarray(hu, dtype=np.float32)
+    if sigma_voxels.any():
+        out = ndimage.gaussian_filter(out, sigma_voxels, mode="nearest")
+    else:
+        out = out.copy()
+    out += rng.normal(0.0, noise_hu, out.shape).astype(np.float32)
+    return out
 
 
 def resample_ignore(ignore, grid, transform):

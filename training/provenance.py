@@ -106,8 +106,9 @@ def run_summary(run, up_to=None, after=0):
 
 
 def other_sources(args):
-    """The run's rendered real anatomy and pseudo-labelled folders with their sample shares, and
-    its sample seed; only what the run used (older args.json files have none of them)."""
+    """The run's rendered real anatomy and pseudo-labelled folders with their sample shares, its
+    share of samples shown with another scanner's image quality, and its sample seed; only what
+    the run used (older args.json files have none of them)."""
     out = {}
     if args.get("anatomy"):
         out["anatomy_training_cases"] = args["anatomy_cases"]
@@ -117,6 +118,8 @@ def other_sources(args):
     if args.get("pseudo"):
         out["pseudo_label_folders"] = args["pseudo"]
         out["pseudo_sample_share"] = args["pseudo_weight"]
+    if args.get("image_quality"):
+        out["image_quality_share"] = args["image_quality"]
     if "seed" in args:
         out["sample_seed"] = args["seed"]
     return out
@@ -144,7 +147,8 @@ RUN_FIELDS = ("iterations", "training_wall_seconds", "generated_training_cases",
 OPTIONAL_RUN_FIELDS = ("warm_up_iterations", "learning_rate_decay", "real_sample_share",
                        "real_sample_share_per_folder", "anatomy_training_cases",
                        "anatomy_first_training_case", "anatomy_sample_share",
-                       "pseudo_label_folders", "pseudo_sample_share", "sample_seed")
+                       "pseudo_label_folders", "pseudo_sample_share", "image_quality_share",
+                       "sample_seed")
 
 
 def chain_summary(runs, recorded=None):

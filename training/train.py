@@ -106,6 +106,11 @@ def parse_args(argv=None):
                              "folder RUN/snapshots/ITERATION (the other network and weights.json "
                              "from --init-weights), for averaging and for scoring while the run "
                              "goes on; 0: none")
+    parser.add_argument("--image-quality", type=float, default=0.0, metavar="P",
+                        help="share of samples shown as another scanner would show them: thicker "
+                             "slices, a softer kernel and more noise drawn anew per sample "
+                             "(training.augment.scanner_quality); 0: none, and the samples are "
+                             "those of a run without this option")
     parser.add_argument("--workers", type=int, default=2,
                         help="parallel sample preparations in the tf.data pipeline")
     parser.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
@@ -120,6 +125,8 @@ def parse_args(argv=None):
         parser.error(f"--data-weight: shares {args.data_weight} must be >= 0 and sum to <= 1")
     if args.anatomy_first_case < 0:
         parser.error(f"--anatomy-first-case: {args.anatomy_first_case}, must be >= 0")
+    if not 0 <= args.image_quality <= 1:
+        parser.error(f"--image-quality: {args.image_quality}, must be a share in [0, 1]")
     if args.warm_up < 0:
         parser.error(f"--warm-up: {args.warm_up} iterations, must be >= 0")
     if (args.decay is None) != (args.final_learning_rate is None):
@@ -485,6 +492,8 @@ def train(args: argparse.Namespace):
     # gives the losses it had (training/losses.py).
     with_ignore = bool(pseudo)
 
+    ranges = augment.AugmentationRanges(quality_probability=args.image_quality)
+
     def make_sample(rng):
         pool = pick_pool(rng, real, anatomy, generated, sum(args.data_weight),
                          args.anatomy_weight, pseudo, args.pseudo_weight)
@@ -492,10 +501,10 @@ def train(args: argparse.Namespace):
                 else pool[rng.integers(len(pool))])
         if segmentation:
             image, labels, *ignore = augment.segmentation_sample(
-                case, rng, args.crop_size, with_ignore=with_ignore)
+                case, rng, args.crop_size, ranges, with_ignore=with_ignore)
         else:
             image, labels, *ignore = augment.localization_sample(
-                case, rng, max_size_zyx=args.crop_size, with_ignore=with_ignore)
+                case, rng, ranges, max_size_zyx=args.crop_size, with_ignore=with_ignore)
         return (image, labels, coverage_vector(case.covered), *ignore)
 
     train_step = make_train_step(model, optimizer, ema, iteration, mean_gradient_norm,
