@@ -6,16 +6,20 @@ in the reference; for partly labelled real CT (../shared/data/partial, its label
 the organs the case covers.
 
     python -m release.score_weights [--weights weights] [--cases 10]
-                                       [--anatomy ../shared/anatomy] [--update]
+                                       [--anatomy ../shared/anatomy [--anatomy-slabs]] [--update]
                                        [--json FILE] [--min-island-fraction F]
 
 Generated test cases use seeds that training never uses (training/train.py draws its cases from
 seeds 1,000,000+ and 2,000,000+). With ``--anatomy`` the label maps that training holds out
 (training.train.anatomy_split) are rendered without augmentation, on seeds training never uses,
-and scored. With ``--update`` the scores are written into the folder's weights.json.
+and scored; with ``--anatomy-slabs`` also a thin partial scan cut from each of them: 11 axial
+slices of 5 mm (a 5 mm slice profile) through the pancreas, as thick-slice partial scans come
+(``thick_slab``), scored as ``anatomy_held_out_slabs``. With ``--update`` the scores are written
+into the folder's weights.json.
 """
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from app import method
 from app.predictor import Predictor
@@ -42,16 +47,27 @@ def parse_args(argv=None):
     parser.add_argument("--in-plane-size", type=int, default=512)
     parser.add_argument("--anatomy", type=Path, default=None,
                         help="label-map folder: also score renderings of its held-out maps")
+    parser.add_argument("--anatomy-slabs", action="store_true",
+                        help="with --anatomy: also score thin thick-slice partial scans cut from "
+                             "the renderings (11 slices of 5 mm through the pancreas)")
     parser.add_argument("--update", action="store_true", help="write scores into weights.json")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the scores to this file (for release.shipping_rule)")
     parser.add_argument("--min-island-fraction", type=float, default=method.MIN_ISLAND_FRACTION,
                         help="drop each organ's pieces smaller than this fraction of its "
                              "largest (Predictor's min_island_fraction; 0: the plain argmax)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.anatomy_slabs and args.anatomy is None:
+        parser.error("--anatomy-slabs scores renderings of --anatomy: give both")
+    return args
 
 
 NSD_TOLERANCE_MM = 1.0
+# Thin partial scans as real CT has them (11 slices of 5 mm): a slab through the pancreas, the
+# organ such scans lose most.
+SLAB_SLICES = 11
+SLAB_THICKNESS_MM = 5.0
+SLAB_CENTRE_LABEL = 4
 
 
 def organ_scores(prediction, reference, organs=None):
@@ -135,17 +151,72 @@ def partial_cases(shared_data=SHARED_DATA):
                    tuple(method.LABELS[label] for label in covered))
 
 
-def score_anatomy(predictor, folder, in_plane_size):
-    """DSC and NSD on renderings (unaugmented) of the label maps that training holds out."""
-    maps, per_case = [], []
+def thick_slab(image, labels, slices=SLAB_SLICES, thickness_mm=SLAB_THICKNESS_MM,
+               centre_label=SLAB_CENTRE_LABEL):
+    """(image, labels) of a thin partial scan cut from a whole one (any grid and direction):
+    ``slices`` axial slices ``thickness_mm`` apart, each with a Gaussian slice profile of that
+    full width at half maximum (the scan's own slice spacing counted as width it already has),
+    centred along the patient's z on the centroid of the ``centre_label`` organ. The slab is axis
+    aligned (identity direction) over the scan's in-plane extent at its finest in-plane spacing;
+    its labels are the scan's at each slice centre (nearest neighbour), as a reader labels the
+    slices the scan has."""
+    from training.augment import FWHM_PER_SIGMA
+
+    organ = np.argwhere(sitk.GetArrayViewFromImage(labels) == centre_label)
+    if not len(organ):
+        raise ValueError(f"no label {centre_label} to centre a slab on")
+    centre = labels.TransformContinuousIndexToPhysicalPoint(organ.mean(axis=0)[::-1].tolist())
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    axis_spacing = np.abs(direction) @ np.array(image.GetSpacing())  # per patient axis
+    corners = np.array([image.TransformContinuousIndexToPhysicalPoint(corner) for corner in
+                        itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])])
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    in_plane = float(min(axis_spacing[:2]))
+    columns = np.ceil((high[:2] - low[:2]) / in_plane).astype(int)
+    # a fine z grid on which every slice centre is a voxel, wide enough for the profile
+    sub = int(np.ceil(thickness_mm))
+    step = thickness_mm / sub
+    sigma_mm = np.sqrt(max(thickness_mm ** 2 - axis_spacing[2] ** 2, 0.0)) / FWHM_PER_SIGMA
+    pad = int(np.ceil(3 * sigma_mm / step))
+    first_z = centre[2] - (slices - 1) / 2 * thickness_mm
+    fine = sitk.Image(int(columns[0]), int(columns[1]), (slices - 1) * sub + 1 + 2 * pad,
+                      sitk.sitkFloat32)
+    fine.SetSpacing((in_plane, in_plane, step))
+    fine.SetOrigin((low[0] + in_plane / 2, low[1] + in_plane / 2, first_z - pad * step))
+    hu = sitk.GetArrayFromImage(sitk.Resample(image, fine, sitk.Transform(), sitk.sitkLinear,
+                                              method.PADDING_HU, sitk.sitkFloat32))
+    if sigma_mm > 0:
+        hu = ndimage.gaussian_filter1d(hu, sigma_mm / step, axis=0, mode="nearest")
+    slab = sitk.GetImageFromArray(np.rint(hu[pad::sub][:slices]).astype(np.int16))
+    slab.SetSpacing((in_plane, in_plane, thickness_mm))
+    slab.SetOrigin((low[0] + in_plane / 2, low[1] + in_plane / 2, first_z))
+    return slab, labels_on_image_grid(labels, slab)
+
+
+def score_anatomy(predictor, folder, in_plane_size, slabs=False):
+    """DSC and NSD on renderings (unaugmented) of the label maps that training holds out; with
+    ``slabs`` also on a thin thick-slice partial scan cut from each (``thick_slab``). Returns
+    (scores of the renderings, scores of the slabs or None)."""
+    maps, per_case, per_slab = [], [], []
     for name, image, labels in anatomy_cases(folder, in_plane_size):
         maps.append(name.removeprefix("anatomy_"))
         per_case.append(organ_scores(predictor.predict(image).labels, labels))
         print(f"{name}: " + format_scores(per_case[-1]), flush=True)
-    return {"maps": maps,
-            "seeds": f"{ANATOMY_TEST_SEED_OFFSET}..{ANATOMY_TEST_SEED_OFFSET + len(maps) - 1}",
-            "in_plane_size": in_plane_size, "dsc": summarise(per_case, "dsc"),
-            f"nsd_{NSD_TOLERANCE_MM:g}mm": summarise(per_case, "nsd")}
+        if slabs:
+            slab, slab_labels = thick_slab(image, labels)
+            per_slab.append(organ_scores(predictor.predict(slab).labels, slab_labels))
+            print(f"{name} slab: " + format_scores(per_slab[-1]), flush=True)
+    seeds = f"{ANATOMY_TEST_SEED_OFFSET}..{ANATOMY_TEST_SEED_OFFSET + len(maps) - 1}"
+    whole = {"maps": maps, "seeds": seeds, "in_plane_size": in_plane_size,
+             "dsc": summarise(per_case, "dsc"),
+             f"nsd_{NSD_TOLERANCE_MM:g}mm": summarise(per_case, "nsd")}
+    if not slabs:
+        return whole, None
+    return whole, {"maps": maps, "seeds": seeds, "in_plane_size": in_plane_size,
+                   "slices": SLAB_SLICES, "thickness_mm": SLAB_THICKNESS_MM,
+                   "centred_on": method.LABELS[SLAB_CENTRE_LABEL],
+                   "dsc": summarise(per_slab, "dsc"),
+                   f"nsd_{NSD_TOLERANCE_MM:g}mm": summarise(per_slab, "nsd")}
 
 
 def main(argv=None):
@@ -154,7 +225,10 @@ def main(argv=None):
     scores = {"generated_unseen": score_generated(predictor, args.cases, args.in_plane_size),
               "real_ct": score_real(predictor), "min_island_fraction": args.min_island_fraction}
     if args.anatomy:
-        scores["anatomy_held_out"] = score_anatomy(predictor, args.anatomy, args.in_plane_size)
+        scores["anatomy_held_out"], slabs = score_anatomy(predictor, args.anatomy,
+                                                          args.in_plane_size, args.anatomy_slabs)
+        if slabs:
+            scores["anatomy_held_out_slabs"] = slabs
     print(json.dumps(scores, indent=2))
     if args.json:
         args.json.write_text(json.dumps(scores, indent=2) + "\n")

@@ -39,6 +39,55 @@ def test_organ_scores_of_a_partly_labelled_reference_score_only_its_organs():
     assert list(liver_only) == ["liver"] and liver_only["liver"]["dsc"] == 1.0
 
 
+def plate_scan(orientation=None):
+    """A 1 mm-slice scan at -100 HU with a 1 mm plate of +900 HU at z = 40 mm and a pancreas
+    box around it (label 4); its voxels stored in another ``orientation`` (DICOM letters, e.g.
+    "LSA": coronal) if given, the physical scan unchanged."""
+    hu = np.full((81, 40, 50), -100, np.int16)  # z 0..80 mm
+    hu[40] = 900
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[30:51, 10:30, 10:40] = 4
+    labels[5:15, 5:35, 5:45] = 1
+    image, label_image = sitk.GetImageFromArray(hu), sitk.GetImageFromArray(labels)
+    for item in (image, label_image):
+        item.SetSpacing((2.0, 2.0, 1.0))
+    if orientation:
+        image, label_image = (sitk.DICOMOrient(item, orientation) for item in (image, label_image))
+    return image, label_image
+
+
+def test_a_thick_slab_is_centred_on_the_pancreas_with_a_slice_profile_on_any_grid():
+    from release.score_weights import thick_slab
+    from training.augment import FWHM_PER_SIGMA
+
+    image, labels = plate_scan()
+    slab, slab_labels = thick_slab(image, labels, slices=5, thickness_mm=5.0)
+    assert slab.GetSize() == (50, 40, 5) and slab.GetSpacing() == (2.0, 2.0, 5.0)
+    assert slab.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    # the pancreas box spans z 30..50 mm: its centroid, and the middle slice, at 40 mm
+    assert slab.TransformIndexToPhysicalPoint((0, 0, 2))[2] == pytest.approx(40.0)
+    hu = sitk.GetArrayFromImage(slab).astype(float)
+    # the 1 mm plate seen through a 5 mm profile: its 1,000 HU spread over the profile
+    sigma = np.sqrt(5.0 ** 2 - 1.0 ** 2) / FWHM_PER_SIGMA
+    centre = -100 + 1000 / (sigma * np.sqrt(2 * np.pi))
+    assert np.median(hu[2]) == pytest.approx(centre, rel=0.1)
+    assert np.median(hu[1]) == pytest.approx(-100 + 1000 * np.exp(-25 / (2 * sigma ** 2))
+                                             / (sigma * np.sqrt(2 * np.pi)), abs=5)
+    # labels are the scan's at the slice centres: z 30, 35, 40, 45, 50 mm all lie in the box
+    assert (sitk.GetArrayViewFromImage(slab_labels) == 4).any(axis=(1, 2)).all()
+    # the same scan stored along other axes gives the same slab
+    stored = plate_scan("LIA")
+    assert stored[0].GetDirection() != slab.GetDirection()
+    other, other_labels = thick_slab(*stored, slices=5, thickness_mm=5.0)
+    assert other.GetSize() == slab.GetSize()
+    assert other.GetOrigin() == pytest.approx(slab.GetOrigin())
+    np.testing.assert_allclose(sitk.GetArrayFromImage(other), hu, atol=1)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(other_labels),
+                                  sitk.GetArrayFromImage(slab_labels))
+    with pytest.raises(ValueError, match="no label 4"):
+        thick_slab(image, labels == 1)
+
+
 def test_held_out_anatomy_is_rendered_and_scored(tmp_path, predictor):
     """Three patients' maps (procedural labels): the one training holds out is scored."""
     from release.score_weights import score_anatomy
@@ -51,10 +100,22 @@ def test_held_out_anatomy_is_rendered_and_scored(tmp_path, predictor):
         names.append(f"demo_{i:04d}")
     training, held = anatomy_split(tmp_path)
     assert len(held) == 1 and len(training) == 6  # 15 % of 7 patients
-    result = score_anatomy(predictor, tmp_path, in_plane_size=96)
-    assert result["maps"] == [held[0].name.split(".")[0]]
+    result, slabs = score_anatomy(predictor, tmp_path, in_plane_size=96, slabs=True)
+    assert result["maps"] == slabs["maps"] == [held[0].name.split(".")[0]]
     assert result["dsc"]["liver"]["cases"] == 1
     assert result["dsc"]["liver"]["mean"] > 0.5  # the shipped weights find a rendered liver
+    # the slab through the pancreas holds it, and is scored apart
+    assert (slabs["slices"], slabs["thickness_mm"], slabs["centred_on"]) == (11, 5.0, "pancreas")
+    assert slabs["dsc"]["pancreas"]["cases"] == 1
+    assert slabs["dsc"] != result["dsc"]
+
+
+def test_slabs_are_cut_from_the_anatomy_renderings_only():
+    from release.score_weights import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--anatomy-slabs"])
+    assert parse_args(["--anatomy", "maps", "--anatomy-slabs"]).anatomy_slabs
 
 
 def test_update_writes_the_scores_into_weights_json_and_keeps_the_rest(tmp_path, shared_data):
