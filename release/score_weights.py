@@ -156,15 +156,19 @@ def thick_slab(image, labels, slices=SLAB_SLICES, thickness_mm=SLAB_THICKNESS_MM
     """(image, labels) of a thin partial scan cut from a whole one (any grid and direction):
     ``slices`` axial slices ``thickness_mm`` apart, each with a Gaussian slice profile of that
     full width at half maximum (the scan's own slice spacing counted as width it already has),
-    centred along the patient's z on the centroid of the ``centre_label`` organ. The slab is axis
+    centred along the patient's z on the centroid of the ``centre_label`` organ (of all organs
+    where the scan has none of it). The slab is axis
     aligned (identity direction) over the scan's in-plane extent at its finest in-plane spacing;
     its labels are the scan's at each slice centre (nearest neighbour), as a reader labels the
     slices the scan has."""
     from training.augment import FWHM_PER_SIGMA
 
-    organ = np.argwhere(sitk.GetArrayViewFromImage(labels) == centre_label)
+    stored = sitk.GetArrayViewFromImage(labels)
+    organ = np.argwhere(stored == centre_label)
+    if not len(organ):  # a scan without that organ: centred on all its organs
+        organ = np.argwhere(stored > 0)
     if not len(organ):
-        raise ValueError(f"no label {centre_label} to centre a slab on")
+        raise ValueError("no organ to centre a slab on")
     centre = labels.TransformContinuousIndexToPhysicalPoint(organ.mean(axis=0)[::-1].tolist())
     direction = np.array(image.GetDirection()).reshape(3, 3)
     axis_spacing = np.abs(direction) @ np.array(image.GetSpacing())  # per patient axis
@@ -214,7 +218,7 @@ def score_anatomy(predictor, folder, in_plane_size, slabs=False):
         return whole, None
     return whole, {"maps": maps, "seeds": seeds, "in_plane_size": in_plane_size,
                    "slices": SLAB_SLICES, "thickness_mm": SLAB_THICKNESS_MM,
-                   "centred_on": method.LABELS[SLAB_CENTRE_LABEL],
+                   "centred_on": f"{method.LABELS[SLAB_CENTRE_LABEL]}, else all organs",
                    "dsc": summarise(per_slab, "dsc"),
                    f"nsd_{NSD_TOLERANCE_MM:g}mm": summarise(per_slab, "nsd")}
 
