@@ -43,7 +43,8 @@ TEST_SEED_OFFSET = 3_000_000
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS_DIR)
-    parser.add_argument("--cases", type=int, default=10, help="unseen generated cases")
+    parser.add_argument("--cases", type=int, default=10,
+                        help="unseen generated cases (0: none, e.g. to score renderings only)")
     parser.add_argument("--in-plane-size", type=int, default=512)
     parser.add_argument("--anatomy", type=Path, default=None,
                         help="label-map folder: also score renderings of its held-out maps")
@@ -57,6 +58,8 @@ def parse_args(argv=None):
                         help="drop each organ's pieces smaller than this fraction of its "
                              "largest (Predictor's min_island_fraction; 0: the plain argmax)")
     args = parser.parse_args(argv)
+    if args.cases < 0:
+        parser.error(f"--cases: {args.cases}, must be >= 0")
     if args.anatomy_slabs and args.anatomy is None:
         parser.error("--anatomy-slabs scores renderings of --anatomy: give both")
     return args
@@ -113,7 +116,7 @@ def score_generated(predictor, cases, in_plane_size):
     return {"cases": cases, "seeds": f"{TEST_SEED_OFFSET}..{TEST_SEED_OFFSET + cases - 1}",
             "in_plane_size": in_plane_size, "dsc": summarise(per_case, "dsc"),
             f"nsd_{NSD_TOLERANCE_MM:g}mm": summarise(per_case, "nsd"),
-            "mean_predict_seconds": round(float(np.mean(seconds)), 2)}
+            "mean_predict_seconds": round(float(np.mean(seconds)), 2) if seconds else None}
 
 
 def format_scores(scores):

@@ -123,6 +123,16 @@ def test_slabs_are_cut_from_the_anatomy_renderings_only():
     assert parse_args(["--anatomy", "maps", "--anatomy-slabs"]).anatomy_slabs
 
 
+def test_no_generated_cases_gives_strict_json(predictor):
+    from release.score_weights import parse_args, score_generated
+
+    with pytest.raises(SystemExit):
+        parse_args(["--cases", "-1"])
+    none = score_generated(predictor, 0, 96)
+    assert none["cases"] == 0 and none["dsc"] == {} and none["mean_predict_seconds"] is None
+    json.loads(json.dumps(none), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+
+
 def test_update_writes_the_scores_into_weights_json_and_keeps_the_rest(tmp_path, shared_data):
     """One small generated case and the real CT: the shipped weights find the held-out slab's
     liver and spleen; the record's other fields survive the update."""
