@@ -160,10 +160,9 @@ def thick_slab(image, labels, slices=SLAB_SLICES, thickness_mm=SLAB_THICKNESS_MM
     ``slices`` axial slices ``thickness_mm`` apart, each with a Gaussian slice profile of that
     full width at half maximum (the scan's own slice spacing counted as width it already has),
     centred along the patient's z on the centroid of the ``centre_label`` organ (of all organs
-    where the scan has none of it). The slab is axis
-    aligned (identity direction) over the scan's in-plane extent at its finest in-plane spacing;
-    its labels are the scan's at each slice centre (nearest neighbour), as a reader labels the
-    slices the scan has."""
+    where the scan has none of it). The slab is axis-aligned (identity direction) over the
+    scan's in-plane extent at its finest in-plane spacing; its labels are the scan's at each
+    slice centre (nearest neighbour), as a reader labels the slices the scan has."""
     from training.augment import FWHM_PER_SIGMA
 
     stored = sitk.GetArrayViewFromImage(labels)
