@@ -30,6 +30,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from app import method
+from app.geometry import Grid, resample
 from app.predictor import Predictor
 from app.weights import DEFAULT_WEIGHTS_DIR, PROVENANCE
 from evaluation.metrics import challenge_scores, same_grid
@@ -71,6 +72,7 @@ NSD_TOLERANCE_MM = 1.0
 SLAB_SLICES = 11
 SLAB_THICKNESS_MM = 5.0
 SLAB_CENTRE_LABEL = 4
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def organ_scores(prediction, reference, organs=None):
@@ -163,7 +165,7 @@ def thick_slab(image, labels, slices=SLAB_SLICES, thickness_mm=SLAB_THICKNESS_MM
     where the scan has none of it). The slab is axis-aligned (identity direction) over the
     scan's in-plane extent at its finest in-plane spacing; its labels are the scan's at each
     slice centre (nearest neighbour), as a reader labels the slices the scan has."""
-    from training.augment import FWHM_PER_SIGMA
+    from training.augment import widening_sigma_mm
 
     stored = sitk.GetArrayViewFromImage(labels)
     organ = np.argwhere(stored == centre_label)
@@ -178,24 +180,22 @@ def thick_slab(image, labels, slices=SLAB_SLICES, thickness_mm=SLAB_THICKNESS_MM
                         itertools.product(*[(-0.5, n - 0.5) for n in image.GetSize()])])
     low, high = corners.min(axis=0), corners.max(axis=0)
     in_plane = float(min(axis_spacing[:2]))
-    columns = np.ceil((high[:2] - low[:2]) / in_plane).astype(int)
+    columns = tuple(int(n) for n in np.ceil((high[:2] - low[:2]) / in_plane))
+    first = (low[0] + in_plane / 2, low[1] + in_plane / 2,
+             centre[2] - (slices - 1) / 2 * thickness_mm)
     # a fine z grid on which every slice centre is a voxel, wide enough for the profile
     sub = int(np.ceil(thickness_mm))
     step = thickness_mm / sub
-    sigma_mm = np.sqrt(max(thickness_mm ** 2 - axis_spacing[2] ** 2, 0.0)) / FWHM_PER_SIGMA
+    sigma_mm = widening_sigma_mm(thickness_mm, axis_spacing[2])
     pad = int(np.ceil(3 * sigma_mm / step))
-    first_z = centre[2] - (slices - 1) / 2 * thickness_mm
-    fine = sitk.Image(int(columns[0]), int(columns[1]), (slices - 1) * sub + 1 + 2 * pad,
-                      sitk.sitkFloat32)
-    fine.SetSpacing((in_plane, in_plane, step))
-    fine.SetOrigin((low[0] + in_plane / 2, low[1] + in_plane / 2, first_z - pad * step))
-    hu = sitk.GetArrayFromImage(sitk.Resample(image, fine, sitk.Transform(), sitk.sitkLinear,
-                                              method.PADDING_HU, sitk.sitkFloat32))
+    fine = Grid((*columns, (slices - 1) * sub + 1 + 2 * pad), (in_plane, in_plane, step),
+                (*first[:2], first[2] - pad * step), IDENTITY)
+    hu = sitk.GetArrayFromImage(resample(image, fine, sitk.sitkLinear, method.PADDING_HU))
     if sigma_mm > 0:
         hu = ndimage.gaussian_filter1d(hu, sigma_mm / step, axis=0, mode="nearest")
     slab = sitk.GetImageFromArray(np.rint(hu[pad::sub][:slices]).astype(np.int16))
-    slab.SetSpacing((in_plane, in_plane, thickness_mm))
-    slab.SetOrigin((low[0] + in_plane / 2, low[1] + in_plane / 2, first_z))
+    slab.CopyInformation(Grid((*columns, slices), (in_plane, in_plane, thickness_mm), first,
+                              IDENTITY).reference())
     return slab, labels_on_image_grid(labels, slab)
 
 

@@ -195,6 +195,13 @@ def resample_pair(image, labels, grid, transform, rng, ranges):
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
+def widening_sigma_mm(width_mm, present_width_mm):
+    """Sigma (mm) of the Gaussian that widens a profile of full width at half maximum
+    ``present_width_mm`` to ``width_mm`` (Gaussian widths add in quadrature); 0 where it is
+    already that wide."""
+    return np.sqrt(max(width_mm ** 2 - present_width_mm ** 2, 0.0)) / FWHM_PER_SIGMA
+
+
 def scanner_quality(hu, spacing_zyx_mm, rng, ranges):
     """``hu`` (z, y, x) as another scanner and protocol might have shown it: thicker slices (a
     Gaussian slice profile along z whose full width at half maximum is drawn from
@@ -205,8 +212,7 @@ def scanner_quality(hu, spacing_zyx_mm, rng, ranges):
     blur_mm = rng.uniform(*ranges.quality_blur_mm)
     noise_hu = rng.uniform(*ranges.quality_noise_hu)
     spacing = np.asarray(spacing_zyx_mm, dtype=float)
-    sigma_z_mm = np.sqrt(max(slice_mm ** 2 - spacing[0] ** 2, 0.0)) / FWHM_PER_SIGMA
-    sigma_voxels = np.array([sigma_z_mm, blur_mm, blur_mm]) / spacing
+    sigma_voxels = np.array([widening_sigma_mm(slice_mm, spacing[0]), blur_mm, blur_mm]) / spacing
     out = np.asarray(hu, dtype=np.float32)
     if sigma_voxels.any():
         out = ndimage.gaussian_filter(out, sigma_voxels, mode="nearest")
