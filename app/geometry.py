@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 CANONICAL_ORIENTATION = "LPS"  # DICOM/ITK patient axes: +x left, +y posterior, +z superior
+IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # row-major, as SimpleITK
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,8 @@ def _require_same_direction(image_grid, grid, what):
                          f"{grid.direction} for an image with {image_grid.direction}")
 
 
-def _on_grid(values, grid):
+def image_on_grid(values, grid):
+    """A SimpleITK image of ``values`` (z, y, x) placed on ``grid``."""
     image = sitk.GetImageFromArray(values)
     image.SetSpacing(grid.spacing_mm)
     image.SetOrigin(grid.origin_mm)
@@ -301,7 +303,7 @@ def area_resample(image, grid, default_value=0.0, slices_per_block=32):
                      grid.spacing_mm[a]) for a in range(3)))
     values = separable_apply(sitk.GetArrayViewFromImage(image), weights, inside, default_value,
                              slices_per_block)
-    return _on_grid(values, grid)
+    return image_on_grid(values, grid)
 
 
 def smooth_and_resample(image, grid, sigma_mm, downsampling="linear", default_value=0.0,

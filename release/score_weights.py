@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from app import method
-from app.geometry import Grid, resample
+from app.geometry import IDENTITY_DIRECTION, Grid, image_on_grid, resample
 from app.predictor import Predictor
 from app.weights import DEFAULT_WEIGHTS_DIR, PROVENANCE
 from evaluation.metrics import challenge_scores, same_grid
@@ -72,7 +72,6 @@ NSD_TOLERANCE_MM = 1.0
 SLAB_SLICES = 11
 SLAB_THICKNESS_MM = 5.0
 SLAB_CENTRE_LABEL = 4
-IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def organ_scores(prediction, reference, organs=None):
@@ -189,13 +188,13 @@ def thick_slab(image, labels, slices=SLAB_SLICES, thickness_mm=SLAB_THICKNESS_MM
     sigma_mm = widening_sigma_mm(thickness_mm, axis_spacing[2])
     pad = int(np.ceil(3 * sigma_mm / step))
     fine = Grid((*columns, (slices - 1) * sub + 1 + 2 * pad), (in_plane, in_plane, step),
-                (*first[:2], first[2] - pad * step), IDENTITY)
+                (*first[:2], first[2] - pad * step), IDENTITY_DIRECTION)
     hu = sitk.GetArrayFromImage(resample(image, fine, sitk.sitkLinear, method.PADDING_HU))
     if sigma_mm > 0:
         hu = ndimage.gaussian_filter1d(hu, sigma_mm / step, axis=0, mode="nearest")
-    slab = sitk.GetImageFromArray(np.rint(hu[pad::sub][:slices]).astype(np.int16))
-    slab.CopyInformation(Grid((*columns, slices), (in_plane, in_plane, thickness_mm), first,
-                              IDENTITY).reference())
+    slab = image_on_grid(np.rint(hu[pad::sub][:slices]).astype(np.int16),
+                         Grid((*columns, slices), (in_plane, in_plane, thickness_mm), first,
+                              IDENTITY_DIRECTION))
     return slab, labels_on_image_grid(labels, slab)
 
 

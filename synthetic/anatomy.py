@@ -48,6 +48,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from app.geometry import IDENTITY_DIRECTION
 from synthetic.appearance import _scan
 from synthetic.fields import _FAR_MM, Field, _ellipsoid, _ramp
 from synthetic.generator import _organ_labels, write_pair
@@ -541,7 +542,7 @@ def real_fields(label_map: LabelMap, augmentation: Augmentation, grid: Lattice,
         fraction = sitk.Resample(
             mask, [shape[2], shape[1], shape[0]], augmentation.transform, sitk.sitkLinear,
             tuple(float(v) for v in grid.block_origin(sl) + offset),
-            tuple(float(v) for v in grid.spacing), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+            tuple(float(v) for v in grid.spacing), IDENTITY_DIRECTION,
             0.0, sitk.sitkFloat32)
         values = _signed_distance(sitk.GetArrayViewFromImage(fraction), grid.spacing[::-1])
         if (values > 0).any() or (values > -0.5 * grid.spacing.max()).any():

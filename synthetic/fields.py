@@ -17,7 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from synthetic.grids import _IDENTITY, Lattice, _overlap, _rotation, _shape_of
+from app.geometry import IDENTITY_DIRECTION
+from synthetic.grids import Lattice, _overlap, _rotation, _shape_of
 
 _FAR_MM = 200.0  # field value for "far outside" a structure
 
@@ -174,7 +175,7 @@ def _upsample(low: np.ndarray, shape) -> np.ndarray:
     spacing = [(shape[2 - a] - 1) / max(low.shape[2 - a] - 1, 1) for a in range(3)]
     image.SetSpacing([max(s, 1e-3) for s in spacing])
     out = sitk.Resample(image, [int(shape[2]), int(shape[1]), int(shape[0])], sitk.Transform(),
-                        sitk.sitkLinear, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), _IDENTITY, 0.0,
+                        sitk.sitkLinear, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), IDENTITY_DIRECTION, 0.0,
                         sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 
@@ -197,7 +198,7 @@ def _evaluate(grid: Lattice, sl, function, factor: int = 1) -> np.ndarray:
     image = sitk.GetImageFromArray(values)
     image.SetSpacing((float(factor),) * 3)
     out = sitk.Resample(image, [shape[2], shape[1], shape[0]], sitk.Transform(),
-                        sitk.sitkLinear, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), _IDENTITY, 0.0,
+                        sitk.sitkLinear, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), IDENTITY_DIRECTION, 0.0,
                         sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 

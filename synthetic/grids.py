@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+from app.geometry import IDENTITY_DIRECTION
 
 
 # ------------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ class CaseGeometry:
     size: tuple[int, int, int]
     spacing_mm: tuple[float, float, float]
     origin_mm: tuple[float, float, float]
-    direction: tuple[float, ...] = _IDENTITY
+    direction: tuple[float, ...] = IDENTITY_DIRECTION
 
     def __post_init__(self):
         size = tuple(int(v) for v in self.size)
