@@ -3,6 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Test processes (pytest-xdist): most tests keep one core busy, so two halve the suite's time on
+# a 2-core CPU; each holds up to about 7 GB at its peak (TensorFlow). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 .PHONY: demo cohort test test-fast lint clean-venv
 
@@ -26,10 +30,10 @@ demo: $(VENV)/installed
 	$(PY) -m demo
 
 test: $(VENV)/installed $(VENV)/cohort-installed
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: $(VENV)/installed $(VENV)/cohort-installed
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: $(VENV)/installed
 	$(VENV)/bin/ruff check .

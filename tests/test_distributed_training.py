@@ -118,9 +118,9 @@ print("RESULT " + json.dumps(result))
 
 def test_two_replicas_train_as_one_device_on_the_mean_gradient(tmp_path):
     completed = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run")], cwd=ROOT,
-                               capture_output=True, text=True, timeout=900,
-                               env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-                                    "TF_CPP_MIN_LOG_LEVEL": "2"})
+                               capture_output=True, encoding="utf-8", errors="replace",
+                               timeout=900, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                                 "TF_CPP_MIN_LOG_LEVEL": "2"})
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
     assert completed.returncode == 0 and lines, completed.stdout[-3000:] + completed.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
